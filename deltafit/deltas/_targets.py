@@ -1,0 +1,106 @@
+"""Which modules get a delta: name matching shared by every targeted method.
+
+Rules (the same as PEFT's, so recipes translate): a list matches a module whose full name equals
+an entry or ends with '.' + entry; a string is a regex that must match the full name; 'all-linear'
+is every nn.Linear except the output head. `layers` keeps only blocks with those indexes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional, Union
+
+from torch import nn
+
+from deltafit.errors import UserError
+
+# Per-architecture defaults: the attention query/value projections, as in the LoRA paper.
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+    "gpt2": ["c_attn"],
+    "t5": ["q", "v"],
+}
+
+# Output heads never get a delta under 'all-linear' (they are trained whole or left alone).
+HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs", "pooler.dense")
+
+_BLOCK_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+
+
+def block_index(module_name: str) -> Optional[int]:
+    """Index of the transformer block a module lives in, or None outside the blocks."""
+    match = _BLOCK_INDEX.search("." + module_name)
+    return int(match.group(1)) if match else None
+
+
+def num_blocks(model: nn.Module) -> int:
+    indexes = {block_index(n) for n, _ in model.named_modules()} - {None}
+    return max(indexes) + 1 if indexes else 0
+
+
+def find_targets(
+    model: nn.Module,
+    spec: Union[str, list[str], None],
+    layers: Optional[list[int]] = None,
+    kinds: tuple[type, ...] = (nn.Linear,),
+) -> dict[str, nn.Module]:
+    """Resolve a target spec into {full module name: module}; an empty result is a user error."""
+    spec = default_targets(model) if spec is None else spec
+    _check_regex(spec)
+    matches = {n: m for n, m in model.named_modules() if n and isinstance(m, kinds) and _matches(n, spec)}
+    if layers is not None:
+        wanted = _normalize_layers(model, layers)
+        matches = {n: m for n, m in matches.items() if block_index(n) in wanted}
+    if not matches:
+        examples = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds)})
+        raise UserError(
+            f"recipe key 'delta.target_modules': {spec!r}"
+            f"{f' with delta.layers={layers}' if layers is not None else ''} matches no module of this model; "
+            f"its {'/'.join(k.__name__ for k in kinds)} modules are named: {', '.join(examples[:12])}"
+        )
+    return matches
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+        raise UserError(
+            f"no default target modules for model type '{model_type}': set delta.target_modules "
+            f"(a list of module names, a regex, or 'all-linear')"
+        )
+    return DEFAULT_TARGETS[model_type]
+
+
+def _check_regex(spec) -> None:
+    if isinstance(spec, str) and spec != "all-linear":
+        try:
+            re.compile(spec)
+        except re.error as e:
+            raise UserError(f"recipe key 'delta.target_modules': {spec!r} is not a valid regex ({e})") from None
+
+
+def _matches(name: str, spec: Union[str, list[str]]) -> bool:
+    if spec == "all-linear":
+        return not any(name == h or name.endswith("." + h) for h in HEAD_NAMES)
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def _normalize_layers(model: nn.Module, layers: list[int]) -> set[int]:
+    total = num_blocks(model)
+    bad = [i for i in layers if not -total <= i < total]
+    if bad:
+        raise UserError(f"recipe key 'delta.layers': {bad} out of range for a model with {total} blocks (valid: 0..{total - 1} or negative)")
+    return {i % total for i in layers}

@@ -1,0 +1,219 @@
+"""The Delta interface: the one seam between the trainer and every method.
+
+A method is a small class with a typed `Config` and the lifecycle below. The trainer, evaluator,
+checkpointer and merger only ever talk to this interface, so adding a method never touches them.
+
+Lifecycle: `attach(model)` freezes the base and inserts the delta (through `Insertions`, which
+uses forward hooks and registered child modules, never patched forwards); the trainer optimizes
+`trainable_parameters()`, calls the hooks, and saves `state_dict()`; `detach()` gives back the
+pristine base, `merge()` folds the update into the base weights where the math allows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Iterable, Optional, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from deltafit.errors import UserError
+
+HEAD_PREFIX = "head."
+
+
+class DeltaConfig(BaseModel):
+    """Options shared by every method. Subclasses add their own fields (their docs are the help)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    method: str = Field(description="Delta method name (see `deltafit methods`).")
+
+
+class TargetedConfig(DeltaConfig):
+    """Options for methods that attach to chosen modules (LoRA and friends)."""
+
+    target_modules: Optional[Union[str, list[str]]] = Field(
+        None,
+        description="Modules that get a delta: a list of exact names or name suffixes (e.g. [q_proj, v_proj]), "
+        "a regex string matched against full module names, or 'all-linear'. Default: per architecture.",
+    )
+    layers: Optional[list[int]] = Field(
+        None, description="Only blocks with these indexes (negative counts from the end). Default: every block."
+    )
+
+
+class Delta:
+    """Base class of every delta method; the hooks have no-op defaults."""
+
+    name: ClassVar[str]
+    family: ClassVar[str]  # "addition" | "specification" | "reparameterization" | "baseline"
+    description: ClassVar[str]
+    mergeable: ClassVar[bool] = False
+    not_mergeable_because: ClassVar[str] = "its update is not a change of existing weights"
+    Config: ClassVar[type[DeltaConfig]] = DeltaConfig
+
+    def __init__(self, config: DeltaConfig):
+        self.config = config
+        self.model: Optional[nn.Module] = None
+        self.insertions = Insertions()
+        self._head: dict[str, nn.Parameter] = {}
+        self._grad_flags: dict[str, bool] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def attach(self, model: nn.Module, head: Iterable[str] = ()) -> None:
+        """Freeze the base, insert the delta, and let the task head (e.g. a new classifier) train."""
+        self.model = model
+        self._grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        model.requires_grad_(False)
+        self._attach(model)
+        head = tuple(head)
+        self._head = {n: p for n, p in model.named_parameters() if _under(n, head)}
+        for p in self._head.values():
+            p.requires_grad_(True)
+
+    def detach(self) -> None:
+        """Remove every hook and module the delta added and restore the base's grad flags."""
+        self._detach()
+        self.insertions.remove_all()
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(self._grad_flags.get(n, True))
+        self.model = None
+
+    def merge(self) -> None:
+        """Fold the delta into the base weights and detach; the model becomes a plain one."""
+        if not self.mergeable:
+            raise UserError(f"method '{self.name}' cannot be merged: {self.not_mergeable_because}")
+        with torch.no_grad():
+            self._merge()
+        self.detach()
+
+    # -- parameters and state ----------------------------------------------------------------
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Every parameter the optimizer updates: the delta's own plus the task head's."""
+        params = dict(self.delta_parameters())
+        params.update({HEAD_PREFIX + n: p for n, p in self._head.items()})
+        return params
+
+    def delta_parameters(self) -> dict[str, nn.Parameter]:
+        """The delta's own trainable tensors, keyed like its state_dict."""
+        return dict(self.insertions.named_parameters())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the delta's tensors (and the task head's): what a checkpoint stores."""
+        state = {n: p.detach() for n, p in self.delta_parameters().items()}
+        state.update(self._extra_state())
+        state.update({HEAD_PREFIX + n: p.detach() for n, p in self._head.items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy saved tensors in place; names and shapes must match exactly."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise UserError(
+                f"checkpoint tensors do not fit method '{self.name}' on this model: "
+                f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+            )
+        with torch.no_grad():
+            for key, target in own.items():
+                if tuple(state[key].shape) != tuple(target.shape):
+                    raise UserError(
+                        f"checkpoint tensor '{key}' has shape {tuple(state[key].shape)}, "
+                        f"the model expects {tuple(target.shape)} (different base model or config?)"
+                    )
+                target.copy_(state[key].to(target.dtype))
+
+    # -- hooks the trainer calls for every method (no-ops by default) ------------------------
+
+    def prepare_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Rewrite a batch before the forward pass (prompt/prefix methods)."""
+        return batch
+
+    def extra_loss(self) -> Optional[torch.Tensor]:
+        """A regularizer added to the task loss (AdaLoRA orthogonality, L0 penalties...)."""
+        return None
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """Called after every optimizer step (rank budgets, freezing schedules...)."""
+
+    # -- what subclasses implement -----------------------------------------------------------
+
+    def _attach(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
+    def _detach(self) -> None:
+        """Undo anything `insertions` does not track (e.g. requires_grad set on base params)."""
+
+    def _merge(self) -> None:
+        raise NotImplementedError
+
+    def _extra_state(self) -> dict[str, torch.Tensor]:
+        """Non-trainable tensors a checkpoint must hold too (buffers, frozen random projections...)."""
+        return {}
+
+    def expected_trainable_params(self, model: nn.Module) -> int:
+        """The paper's parameter-count formula for this model, computed before attaching."""
+        raise NotImplementedError
+
+    def describe_targets(self) -> list[str]:
+        """Names of the modules that got a delta (for `deltafit validate`)."""
+        return list(self.insertions.hosts)
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+class Insertions:
+    """OpenDelta-style insertion primitives, all undoable.
+
+    Each primitive registers the delta module as a child of its host (so `.to()`, Accelerate and
+    `model.parameters()` see it) and a forward hook that routes data through it.
+    """
+
+    def __init__(self):
+        self.hosts: dict[str, tuple[nn.Module, str, nn.Module]] = {}  # host name -> (host, child, delta)
+        self._handles: list[Any] = []
+
+    def _register(self, host_name: str, host: nn.Module, child: str, delta: nn.Module) -> None:
+        host.add_module(child, delta)
+        self.hosts[f"{host_name}.{child}" if host_name else child] = (host, child, delta)
+
+    def parallel(self, host_name: str, host: nn.Module, child: str, delta: nn.Module) -> None:
+        """out = host(x) + delta(x): LoRA-style updates beside a layer."""
+        self._register(host_name, host, child, delta)
+        self._handles.append(host.register_forward_hook(lambda m, args, out: out + delta(args[0]).to(out.dtype)))
+
+    def after(self, host_name: str, host: nn.Module, child: str, delta: nn.Module) -> None:
+        """out = delta(host(x)): serial adapters after a projection."""
+        self._register(host_name, host, child, delta)
+        self._handles.append(host.register_forward_hook(lambda m, args, out: delta(out)))
+
+    def before(self, host_name: str, host: nn.Module, child: str, delta: nn.Module) -> None:
+        """host(delta(x)): rewrite a layer's first input."""
+        self._register(host_name, host, child, delta)
+        self._handles.append(
+            host.register_forward_pre_hook(lambda m, args: (delta(args[0]),) + tuple(args[1:]))
+        )
+
+    def holder(self, host_name: str, host: nn.Module, child: str, delta: nn.Module) -> None:
+        """Only register `delta` under `host` (its parameters are used by hooks elsewhere)."""
+        self._register(host_name, host, child, delta)
+
+    def named_parameters(self):
+        for key, (_, _, delta) in self.hosts.items():
+            for n, p in delta.named_parameters():
+                if p.requires_grad:
+                    yield f"{key}.{n}", p
+
+    def remove_all(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for host, child, _ in self.hosts.values():
+            delattr(host, child)
+        self._handles.clear()
+        self.hosts.clear()
