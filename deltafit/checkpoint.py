@@ -1,0 +1,235 @@
+"""Delta-only, self-describing checkpoints, written atomically and loaded without unpickling.
+
+A checkpoint is a directory:
+    deltafit.json        what it is: method + config, base model, task, labels, step, versions
+    delta.safetensors    the delta's tensors (and a new task head's), nothing of the frozen base
+    recipe.yaml          the resolved recipe that produced it
+    trainer/             (step checkpoints only) optimizer, scheduler and RNG state for --resume
+
+Everything is written into a temporary sibling directory that is renamed into place at the end,
+so a run killed mid-save never leaves a checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import deltafit
+from deltafit.errors import UserError
+
+FORMAT = "deltafit-checkpoint"
+FORMAT_VERSION = 1
+META = "deltafit.json"
+TENSORS = "delta.safetensors"
+RECIPE = "recipe.yaml"
+TRAINER = "trainer"
+STEP_PREFIX = "step-"
+
+
+def metadata(recipe, delta, label_names: Optional[list[str]], step: int, epoch: float) -> dict:
+    """Everything eval and merge need to rebuild the model from the checkpoint path alone."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "deltafit_version": deltafit.__version__,
+        "method": delta.name,
+        "delta_config": delta.config.model_dump(mode="json"),
+        "model": recipe.model.model_dump(mode="json"),
+        "task": recipe.model.task,
+        "label_names": label_names,
+        "step": step,
+        "epoch": epoch,
+    }
+
+
+def save(directory: Path, meta: dict, tensors: dict[str, torch.Tensor], recipe_dict: dict,
+         trainer_state: Optional[dict] = None) -> Path:
+    """Write a checkpoint atomically (temp dir + rename); replaces an existing one of that name."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
+    (tmp / RECIPE).write_text(yaml.safe_dump(recipe_dict, sort_keys=False), encoding="utf-8")
+    if trainer_state is not None:
+        _save_trainer_state(tmp / TRAINER, trainer_state)
+    _write_json(tmp / META, meta)  # written last: its presence marks the content complete
+    _fsync_dir(tmp)
+    _replace_dir(tmp, directory)
+    return directory
+
+
+def load(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a checkpoint; anything that is not one is a clear user error."""
+    directory = find_checkpoint(path)
+    meta = read_meta(directory)
+    try:
+        tensors = load_file(str(directory / TENSORS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"checkpoint '{directory}': {TENSORS} is damaged or truncated ({e})") from None
+    return meta, tensors
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint directory, or a run directory (its final checkpoint, else the latest step)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint '{path}' does not exist")
+    if (path / META).is_file():
+        return _require_tensors(path)
+    if (path / "final" / META).is_file():
+        return _require_tensors(path / "final")
+    latest = latest_step_checkpoint(path / "checkpoints")
+    if latest is not None:
+        return latest
+    found = sorted(p.name for p in path.iterdir())[:6] if path.is_dir() else []
+    pickles = [n for n in found if n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
+    hint = f"; pickle files ({', '.join(pickles)}) are never loaded, only safetensors + JSON" if pickles else ""
+    if (path / "adapter_config.json").is_file():
+        hint = "; it looks like a PEFT adapter, which deltafit cannot import yet"
+    raise UserError(f"'{path}' is not a deltafit checkpoint (no {META}; found: {', '.join(found) or 'nothing'}){hint}")
+
+
+def read_meta(directory: Path) -> dict:
+    try:
+        meta = json.loads((directory / META).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint '{directory}': {META} is not readable JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"checkpoint '{directory}': {META} is not deltafit checkpoint metadata")
+    missing = [k for k in ("method", "delta_config", "model", "task") if k not in meta]
+    if missing:
+        raise UserError(f"checkpoint '{directory}': {META} lacks {', '.join(missing)}")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"checkpoint '{directory}' was written by a newer deltafit (format {meta['format_version']}); upgrade deltafit")
+    return meta
+
+
+def read_recipe_dict(directory: Path) -> dict:
+    return yaml.safe_load((Path(directory) / RECIPE).read_text(encoding="utf-8")) or {}
+
+
+def _require_tensors(directory: Path) -> Path:
+    if not (directory / TENSORS).is_file():
+        raise UserError(f"checkpoint '{directory}' has no {TENSORS}")
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------
+# Step checkpoints for resume
+
+
+def step_dir(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / "checkpoints" / f"{STEP_PREFIX}{step:08d}"
+
+
+def latest_step_checkpoint(checkpoints: Path) -> Optional[Path]:
+    """The newest complete step checkpoint (temp dirs and ones without metadata are ignored)."""
+    if not checkpoints.is_dir():
+        return None
+    complete = [p for p in checkpoints.iterdir() if p.name.startswith(STEP_PREFIX) and (p / META).is_file()]
+    return max(complete, key=lambda p: p.name) if complete else None
+
+
+def prune(output_dir: Path, keep_last: int) -> None:
+    checkpoints = Path(output_dir) / "checkpoints"
+    steps = sorted(p for p in checkpoints.iterdir() if p.name.startswith(STEP_PREFIX) and (p / META).is_file())
+    for old in steps[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in checkpoints.glob(f".{STEP_PREFIX}*.tmp*"):  # left by a killed save
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _save_trainer_state(directory: Path, state: dict) -> None:
+    """Optimizer/scheduler/RNG state as safetensors + JSON (no pickle, like the delta itself)."""
+    directory.mkdir()
+    tensors, plain = _split_tensors(state["optimizer"], "optimizer")
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    save_file(tensors, str(directory / "state.safetensors"))
+    plain.update(scheduler=state["scheduler"], progress=state["progress"], python_rng=_py_rng())
+    _write_json(directory / "state.json", plain)
+
+
+def load_trainer_state(directory: Path) -> dict:
+    """Inverse of _save_trainer_state; restores the RNGs as a side effect."""
+    try:
+        tensors = load_file(str(directory / TRAINER / "state.safetensors"))
+        plain = json.loads((directory / TRAINER / "state.json").read_text())
+    except (OSError, SafetensorError, ValueError) as e:
+        raise UserError(f"checkpoint '{directory}' cannot be resumed: trainer state is missing or damaged ({e})") from None
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    cuda = [tensors.pop(k) for k in sorted(k for k in list(tensors) if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, state, gauss = plain["python_rng"]
+    random.setstate((version, tuple(state), gauss))
+    return {"optimizer": _join_tensors(plain["optimizer"], tensors), "scheduler": plain["scheduler"],
+            "progress": plain["progress"]}
+
+
+def _split_tensors(obj: Any, prefix: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """Replace every tensor in a nested structure by a {'__tensor__': key} reference."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(node, path):
+        if isinstance(node, torch.Tensor):
+            tensors[path] = node.detach().contiguous().cpu()
+            return {"__tensor__": path}
+        if isinstance(node, dict):
+            return {str(k): walk(v, f"{path}.{k}") for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return [walk(v, f"{path}.{i}") for i, v in enumerate(node)]
+        return node
+
+    return tensors, {prefix: walk(obj, prefix)}
+
+
+def _join_tensors(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(node, dict):
+        if set(node) == {"__tensor__"}:
+            return tensors[node["__tensor__"]]
+        return {(int(k) if k.isdigit() else k): _join_tensors(v, tensors) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_join_tensors(v, tensors) for v in node]
+    return node
+
+
+def _py_rng():
+    version, state, gauss = random.getstate()
+    return [version, list(state), gauss]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    for p in directory.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _replace_dir(tmp: Path, directory: Path) -> None:
+    """Swap tmp into place; an existing checkpoint is moved aside first and removed after."""
+    old = directory.with_name(f".{directory.name}.old{os.getpid()}")
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)

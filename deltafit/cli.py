@@ -1,0 +1,133 @@
+"""The `deltafit` command line.
+
+Each command is a few lines that call one function. torch, transformers and friends are imported
+inside the commands, so `deltafit --help` answers instantly. User mistakes (`UserError`) print
+one line and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from deltafit.errors import UserError
+
+app = typer.Typer(
+    name="deltafit",
+    help="Delta tuning from YAML recipes: train, evaluate and merge parameter-efficient fine-tunes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+SET_HELP = "Override a recipe key, e.g. --set train.lr=1e-4 --set delta.r=16 (repeatable; values are YAML)."
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory (default: recipe's output_dir or runs/<name>)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue from the latest step checkpoint in the output directory ('--resume'), or from a given one ('--resume PATH')."),
+):
+    """Fine-tune the recipe's model with its delta method and save a delta-only checkpoint."""
+    from deltafit.recipe import load_recipe
+    from deltafit.train import fit
+
+    fit(load_recipe(recipe, set_ or []), output, resume)
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory (or a run directory: its final checkpoint)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Evaluation file or hub dataset (default: the recipe's eval data)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split of --data (or of the recipe's data) to score."),
+    base: bool = typer.Option(False, "--base", help="Score the untouched base model on the same data (before/after comparison)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Evaluation batch size (default: the recipe's)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write results JSON here (default: <checkpoint>/eval[-base].json)."),
+):
+    """Score a checkpoint: loss and perplexity (causal LM), or accuracy, F1 and MCC (classification)."""
+    from deltafit.evaluate import evaluate_checkpoint
+    from deltafit.report import print_results
+
+    results, path = evaluate_checkpoint(str(checkpoint), data, split, base, batch_size, str(output) if output else None)
+    print_results(results, path)
+
+
+@app.command()
+def merge(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory of a mergeable method (LoRA, BitFit, full)."),
+    output: Path = typer.Option(..., "--output", "-o", help="New directory for the merged transformers model."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Save the merged weights as float32, bfloat16 or float16 (default: the base's)."),
+):
+    """Fold the delta into the base weights, check merged == unmerged logits, save a plain model."""
+    from deltafit.merge import merge_checkpoint
+    from deltafit.report import print_merge
+
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype '{dtype}' is not one of float32, bfloat16, float16")
+    print_merge(merge_checkpoint(str(checkpoint), str(output), dtype))
+
+
+@app.command()
+def validate(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Check a recipe without loading weights and print the plan (modules, parameter counts, data)."""
+    from deltafit.plan import make_plan
+    from deltafit.recipe import load_recipe
+    from deltafit.report import print_plan
+
+    print_plan(make_plan(load_recipe(recipe, set_ or [])))
+
+
+@app.command()
+def methods():
+    """List the delta methods: name, family, mergeable, description."""
+    from deltafit.report import print_methods
+
+    print_methods()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console entry point: runs the app, turning user errors into one line and exit code 2."""
+    argv = _bare_resume(list(sys.argv[1:] if argv is None else argv))
+    try:
+        app(args=argv, prog_name="deltafit", standalone_mode=False)
+    except UserError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as e:
+        sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
+    except _click_errors() as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, _click_abort()):
+        typer.secho("interrupted", fg="yellow", err=True)
+        sys.exit(130)
+
+
+def _click_errors():
+    import click
+
+    return (click.ClickException,)
+
+
+def _click_abort():
+    import click
+
+    return click.exceptions.Abort
+
+
+def _bare_resume(argv: list[str]) -> list[str]:
+    """`--resume` with no value means 'latest'; Click options cannot have an optional value."""
+    for i, arg in enumerate(argv):
+        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            argv.insert(i + 1, "latest")
+            break
+    return argv

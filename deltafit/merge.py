@@ -1,0 +1,79 @@
+"""Fold a mergeable delta into its base weights and save a plain transformers model.
+
+Before saving, the merged model is checked against the unmerged one on a few real inputs; the
+largest logit difference is reported (and too large a difference refuses to save).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from deltafit import checkpoint, deltas
+from deltafit.errors import UserError
+
+# Texts used to compare merged and unmerged logits when the recipe's data is not at hand.
+SAMPLE_TEXTS = [
+    "The capital of France is Paris.",
+    "Instruction: summarize the following review. Input: a slow, beautiful and sad film.",
+    "def add(a, b):\n    return a + b",
+    "Delta tuning trains a small change of a large pretrained model.",
+]
+MAX_ALLOWED_DIFF = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.1}
+
+
+def merge_checkpoint(path: str, output: str, dtype: Optional[str] = None) -> dict:
+    from deltafit.evaluate import _recipe_of, attach_from_checkpoint
+    from deltafit.model import build_model
+
+    directory = checkpoint.find_checkpoint(path)
+    meta, tensors = checkpoint.load(directory)
+    method = deltas.get(meta["method"])
+    if not method.mergeable:
+        raise UserError(f"method '{meta['method']}' cannot be merged: {method.not_mergeable_because}; "
+                        f"use the checkpoint as is with `deltafit eval`")
+    out = _check_output(Path(output), directory)
+    recipe = _recipe_of(directory)
+    model, tokenizer, _ = build_model(recipe.model, label_names=meta.get("label_names"))
+    delta = attach_from_checkpoint(model, meta, tensors)
+    model.eval()
+    inputs = _sample_inputs(tokenizer)
+    with torch.no_grad():
+        before = model(**delta.prepare_inputs(dict(inputs))).logits.float()
+        delta.merge()
+        after = model(**inputs).logits.float()
+    diff = float((before - after).abs().max())
+    limit = MAX_ALLOWED_DIFF[recipe.model.dtype]
+    if diff > limit:
+        raise RuntimeError(f"merged logits differ from unmerged by {diff:.3g} (> {limit}): not saving")
+    target_dtype = dtype or recipe.model.dtype
+    model.to(getattr(torch, target_dtype))
+    _save_pretrained(model, tokenizer, out)
+    return {"output": str(out), "method": meta["method"], "max_abs_logit_diff": diff,
+            "inputs": int(inputs["input_ids"].shape[0]), "dtype": target_dtype}
+
+
+def _sample_inputs(tokenizer) -> dict:
+    return dict(tokenizer(SAMPLE_TEXTS, return_tensors="pt", padding=True))
+
+
+def _check_output(out: Path, source: Path) -> Path:
+    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
+        raise UserError(f"--output '{out}' must not be inside the checkpoint '{source}'")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--output '{out}' exists and is not empty; choose a new directory")
+    return out
+
+
+def _save_pretrained(model, tokenizer, out: Path) -> None:
+    """save_pretrained into a temp sibling, renamed into place: no half-written model directory."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)

