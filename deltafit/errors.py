@@ -12,7 +12,19 @@ class UserError(Exception):
     """A mistake in the user's input, reported as one clear line (exit code 2)."""
 
 
+# Names users bring from PEFT and the transformers Trainer, mapped to deltafit's own.
+ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "rslora",
+    "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "scheduler", "max_seq_length": "max_length",
+    "model_name_or_path": "name", "peft_type": "method",
+}
+
+
 def did_you_mean(word: str, choices) -> str:
     """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
+    choices = list(choices)
+    if ALIASES.get(str(word)) in choices:
+        return f" (did you mean '{ALIASES[str(word)]}'?)"
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""

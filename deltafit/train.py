@@ -55,7 +55,9 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None)
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe.data, tokenizer, recipe.model.task, t.seed, label_names=_saved_labels(resume_from))
     if not data.train:
-        raise UserError(f"data.train: '{recipe.data.train}' gave no training examples")
+        dropped = data.stats.get("train_dropped")
+        why = f" ({dropped} dropped: nothing left to learn after truncation, raise data.max_length)" if dropped else ""
+        raise UserError(f"data.train: '{recipe.data.train}' gave no training examples{why}")
     # 3. Base model + delta; everything but the delta (and a fresh task head) is frozen.
     model, tokenizer, head = build_model(recipe.model, label_names=data.label_names, tokenizer=tokenizer)
     if t.gradient_checkpointing:

@@ -1,0 +1,102 @@
+"""Bad input: exit code 2 and one clear line naming the key, file or value; never a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import run_cli, write_recipe
+
+
+def assert_clean_error(code, err, *needles):
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def lm_data(path):
+    return {"train": str(path), "format": "alpaca"}
+
+
+def test_missing_recipe_file(tmp_path, capsys):
+    assert_clean_error(*run_cli(capsys, "train", tmp_path / "nope.yaml")[::2], "nope.yaml", "does not exist")
+
+
+def test_unknown_key(tmp_path, tiny_llama, alpaca_file, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama, lm_data(alpaca_file), train={"batchsize": 4})
+    assert_clean_error(*run_cli(capsys, "validate", recipe)[::2], "train.batchsize", "did you mean 'batch_size'")
+
+
+def test_wrong_type(tmp_path, tiny_llama, alpaca_file, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama, lm_data(alpaca_file), train={"lr": "fast"})
+    assert_clean_error(*run_cli(capsys, "validate", recipe)[::2], "train.lr", "'fast'")
+
+
+def test_unknown_method(tmp_path, tiny_llama, alpaca_file, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama, lm_data(alpaca_file), delta={"method": "loar"})
+    assert_clean_error(*run_cli(capsys, "validate", recipe)[::2], "delta.method", "did you mean 'lora'")
+
+
+def test_targets_matching_nothing(tmp_path, tiny_llama, alpaca_file, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama, lm_data(alpaca_file),
+                          delta={"method": "lora", "target_modules": ["query"]})
+    assert_clean_error(*run_cli(capsys, "train", recipe, "-o", tmp_path / "o")[::2], "delta.target_modules", "q_proj")
+
+
+def test_missing_data_file(tmp_path, tiny_llama, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama, lm_data(tmp_path / "gone.json"))
+    assert_clean_error(*run_cli(capsys, "train", recipe, "-o", tmp_path / "o")[::2], "gone.json")
+
+
+def test_missing_label_column(tmp_path, tiny_bert, cls_file, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert, {"train": str(cls_file), "format": "classification",
+                          "text_column": "sentence", "label_column": "labels"}, task="seq-cls")
+    assert_clean_error(*run_cli(capsys, "train", recipe, "-o", tmp_path / "o")[::2], "labels", "label")
+
+
+def test_empty_dataset(tmp_path, tiny_llama, capsys):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama, lm_data(empty))
+    assert_clean_error(*run_cli(capsys, "train", recipe, "-o", tmp_path / "o")[::2], "empty.json")
+
+
+@pytest.mark.parametrize("setup", ["missing", "empty_dir", "pickle", "bad_json", "truncated"])
+def test_not_a_checkpoint(tmp_path, capsys, setup):
+    path = tmp_path / "ckpt"
+    if setup != "missing":
+        path.mkdir()
+    if setup == "pickle":
+        (path / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
+    if setup in ("bad_json", "truncated"):
+        (path / "deltafit.json").write_text("{not json" if setup == "bad_json" else json.dumps(
+            {"format": "deltafit-checkpoint", "method": "lora", "delta_config": {"method": "lora"},
+             "model": {"name": "x"}, "task": "causal-lm"}))
+        (path / "delta.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    code, _, err = run_cli(capsys, "eval", path)
+    assert_clean_error(code, err, str(path))
+    if setup == "pickle":
+        assert "never loaded" in err
+
+
+def test_merge_of_unmergeable_method_says_why(tmp_path, capsys):
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    (path / "deltafit.json").write_text(json.dumps(
+        {"format": "deltafit-checkpoint", "method": "prompt", "delta_config": {"method": "prompt"},
+         "model": {"name": "x"}, "task": "causal-lm"}))
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"x": torch.zeros(1)}, str(path / "delta.safetensors"))
+    code, _, err = run_cli(capsys, "merge", path, "--output", tmp_path / "m")
+    assert_clean_error(code, err, "cannot be merged")
+
+
+def test_bad_set_syntax(tmp_path, tiny_llama, alpaca_file, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama, lm_data(alpaca_file))
+    assert_clean_error(*run_cli(capsys, "validate", recipe, "--set", "train.lr")[::2], "section.key=value")

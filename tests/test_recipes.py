@@ -1,0 +1,65 @@
+"""Every shipped recipe validates, and recipe errors name the key and what would be valid."""
+
+from pathlib import Path
+
+import pytest
+
+from deltafit.errors import UserError
+from deltafit.recipe import apply_override, load_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_there_are_recipes_for_every_method():
+    from deltafit.deltas import METHODS
+
+    names = {p.stem for p in RECIPES}
+    assert {"quickstart", "glue-sst2-minilm-lora"} <= names
+    assert set(METHODS) <= names, f"missing recipes: {set(METHODS) - names}"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.delta.method in recipe.to_dict()["delta"]["method"]
+    assert recipe.model.name
+
+
+def test_override_changes_type_checked_values(tmp_path):
+    recipe = load_recipe(RECIPES[0], ["train.lr=1e-4", "delta.method=lora", "delta.r=16", "data.max_length=64"])
+    assert recipe.train.lr == 1e-4 and recipe.delta.r == 16 and recipe.data.max_length == 64
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=abc", "train.lr"),
+    ("train.lrr=1", "did you mean 'lr'"),
+    ("delta.rank=4", "did you mean 'r'"),
+    ("delta.method=lorra", "did you mean 'lora'"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("model.task=translation", "model.task"),
+    ("modl.name=x", "did you mean 'model'"),
+])
+def test_bad_override_is_a_one_line_user_error(override, message):
+    with pytest.raises(UserError) as err:
+        load_recipe(RECIPES[0], [override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_set_without_equals_is_rejected():
+    with pytest.raises(UserError, match="section.key=value"):
+        apply_override({}, "train.lr")
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML at line"):
+        load_recipe(bad)
+
+
+def test_yaml_cannot_name_python_objects(tmp_path):
+    bad = tmp_path / "evil.yaml"
+    bad.write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_recipe(bad)
