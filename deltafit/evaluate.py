@@ -123,7 +123,7 @@ def _eval_data_spec(data_spec, data: Optional[str], split: Optional[str]):
     if data:
         updates.update(eval=data, eval_split=split, eval_fraction=0.0)
     elif split:
-        updates.update(eval_split=split)
+        updates.update(eval_split=split, eval_fraction=0.0)
     spec = data_spec.model_copy(update=updates)
     if not (spec.eval or spec.eval_split or spec.eval_fraction):
         raise UserError("the checkpoint's recipe names no evaluation data: pass --data FILE_OR_DATASET [--split NAME]")

@@ -22,14 +22,17 @@ TEMPLATES = [
 
 
 def person_to_json(n: int, seed: int) -> list[dict]:
-    """Turn a sentence about a person into a fixed JSON record (alpaca rows)."""
+    """Turn a sentence about a person into a fixed JSON record (prompt/completion rows).
+
+    Prompts are short on purpose: on 2 CPU cores every token costs, and the quickstart must
+    show learning in about a minute of training.
+    """
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         person = {"name": rng.choice(NAMES), "age": rng.randint(18, 80), "job": rng.choice(JOBS), "city": rng.choice(CITIES)}
-        rows.append({"instruction": "Extract the person as JSON with keys name, age, job, city.",
-                     "input": rng.choice(TEMPLATES).format(**person),
-                     "output": json.dumps(person)})
+        sentence = rng.choice(TEMPLATES).format(**person)
+        rows.append({"prompt": f"Person: {sentence}\nJSON:", "completion": " " + json.dumps(person)})
     return rows
 
 
@@ -40,11 +43,11 @@ BUILTIN = {
 }
 
 
-def load_builtin(name: str) -> list[dict]:
+def load_builtin(name: str, key: str = "data.train") -> list[dict]:
     from deltafit.errors import UserError, did_you_mean
 
     if name not in BUILTIN:
-        raise UserError(f"unknown builtin dataset 'builtin:{name}'{did_you_mean(name, BUILTIN)}; valid: "
+        raise UserError(f"recipe key '{key}': unknown builtin dataset 'builtin:{name}'{did_you_mean(name, BUILTIN)}; valid: "
                         + ", ".join(f"builtin:{n}" for n in BUILTIN))
     make, n, seed = BUILTIN[name]
     return make(n, seed)

@@ -8,6 +8,7 @@ from deltafit.errors import UserError
 from deltafit.recipe import apply_override, load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+LORA_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "lora.yaml"
 
 
 def test_there_are_recipes_for_every_method():
@@ -26,7 +27,7 @@ def test_recipe_validates(path):
 
 
 def test_override_changes_type_checked_values(tmp_path):
-    recipe = load_recipe(RECIPES[0], ["train.lr=1e-4", "delta.method=lora", "delta.r=16", "data.max_length=64"])
+    recipe = load_recipe(LORA_RECIPE, ["train.lr=1e-4", "delta.method=lora", "delta.r=16", "data.max_length=64"])
     assert recipe.train.lr == 1e-4 and recipe.delta.r == 16 and recipe.data.max_length == 64
 
 
@@ -41,7 +42,7 @@ def test_override_changes_type_checked_values(tmp_path):
 ])
 def test_bad_override_is_a_one_line_user_error(override, message):
     with pytest.raises(UserError) as err:
-        load_recipe(RECIPES[0], [override])
+        load_recipe(LORA_RECIPE, [override])
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 

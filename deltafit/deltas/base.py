@@ -51,6 +51,12 @@ class Delta:
     mergeable: ClassVar[bool] = False
     not_mergeable_because: ClassVar[str] = "its update is not a change of existing weights"
     Config: ClassVar[type[DeltaConfig]] = DeltaConfig
+    # Freshly attached (default init), the model computes exactly what the base computes. False for
+    # methods that add inputs the base never saw (prompt and prefix tokens).
+    zero_init_identity: ClassVar[bool] = True
+    # detach() also undoes training. False only where the delta *is* the base weights and keeping a
+    # pristine copy would double memory (full fine-tuning): detach then only restores grad flags.
+    detach_restores_weights: ClassVar[bool] = True
 
     def __init__(self, config: DeltaConfig):
         self.config = config
@@ -93,7 +99,7 @@ class Delta:
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """Every parameter the optimizer updates: the delta's own plus the task head's."""
         params = dict(self.delta_parameters())
-        params.update({HEAD_PREFIX + n: p for n, p in self._head.items()})
+        params.update({HEAD_PREFIX + n: p for n, p in self._own_head().items()})
         return params
 
     def delta_parameters(self) -> dict[str, nn.Parameter]:
@@ -104,8 +110,14 @@ class Delta:
         """Only the delta's tensors (and the task head's): what a checkpoint stores."""
         state = {n: p.detach() for n, p in self.delta_parameters().items()}
         state.update(self._extra_state())
-        state.update({HEAD_PREFIX + n: p.detach() for n, p in self._head.items()})
+        state.update({HEAD_PREFIX + n: p.detach() for n, p in self._own_head().items()})
         return state
+
+    def _own_head(self) -> dict[str, nn.Parameter]:
+        """Head parameters the delta does not already hold (full FT and BitFit train head tensors
+        too): listing a tensor twice would make the optimizer update it twice."""
+        held = {id(p) for p in self.delta_parameters().values()}
+        return {n: p for n, p in self._head.items() if id(p) not in held}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy saved tensors in place; names and shapes must match exactly."""

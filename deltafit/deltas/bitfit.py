@@ -1,0 +1,107 @@
+"""BitFit (Ben Zaken et al. 2022): only the bias terms (plus the task head) train.
+
+Every parameter named `*.bias` trains, LayerNorm biases included (as in the paper's code). The
+subset variant trains only the query bias and the second MLP layer's bias of every block, the two
+the paper found change most. The biases are the model's own tensors, trained in place: `merge()`
+keeps their trained values (nothing to fold), `detach()` restores the starting values it kept
+(biases are tiny, so the copy costs nothing).
+
+Models whose blocks have no biases (Llama, Mistral...) are refused with a clear error: BitFit would
+silently train only the task head there.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from torch import nn
+
+from deltafit.deltas._inplace import InPlaceParams
+from deltafit.deltas._targets import block_index, find_targets
+from deltafit.deltas.base import Delta, DeltaConfig
+from deltafit.errors import UserError
+
+# Subset variant, per architecture: a regex over module names whose bias trains (query projection
+# and the block's second MLP layer). A plain 'output.dense' suffix would also catch BERT's
+# 'attention.output.dense', hence the anchored 'layer.N.output.dense'.
+SUBSET_MODULES = {
+    "bert": r".*\.(attention\.self\.query|layer\.\d+\.output\.dense)",
+    "roberta": r".*\.(attention\.self\.query|layer\.\d+\.output\.dense)",
+    "xlm-roberta": r".*\.(attention\.self\.query|layer\.\d+\.output\.dense)",
+    "electra": r".*\.(attention\.self\.query|layer\.\d+\.output\.dense)",
+    "deberta-v2": r".*\.(attention\.self\.query_proj|layer\.\d+\.output\.dense)",
+    "distilbert": r".*\.(attention\.q_lin|ffn\.lin2)",
+}
+
+
+class BitFitConfig(DeltaConfig):
+    method: Literal["bitfit"] = "bitfit"
+    subset: bool = Field(
+        False, description="Train only the query bias and the second MLP bias of every block (the paper's subset), "
+        "instead of every bias."
+    )
+
+
+class BitFit(Delta):
+    name = "bitfit"
+    family = "specification"
+    description = "Only bias terms train (plus the task head); needs a model with biases (BERT-like)."
+    mergeable = True
+    Config = BitFitConfig
+
+    def __init__(self, config: BitFitConfig):
+        super().__init__(config)
+        self.base_params = InPlaceParams()
+
+    def _attach(self, model: nn.Module) -> None:
+        self.base_params.unfreeze(self._biases(model), keep_originals=True)
+
+    def _detach(self) -> None:
+        self.base_params.restore()
+        self.base_params.clear()
+
+    def _merge(self) -> None:
+        # The biases already hold the trained values; only stop detach from restoring them.
+        self.base_params.keep_trained()
+
+    def delta_parameters(self) -> dict[str, nn.Parameter]:
+        return dict(self.base_params.params)
+
+    def expected_trainable_params(self, model: nn.Module) -> int:
+        return sum(p.numel() for p in self._biases(model).values())
+
+    def describe_targets(self) -> list[str]:
+        return list(self.base_params.params)
+
+    def _biases(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        _check_has_biases(model)
+        if not self.config.subset:
+            return {n: p for n, p in model.named_parameters() if n == "bias" or n.endswith(".bias")}
+        modules = find_targets(model, _subset_regex(model), kinds=(nn.Module,))
+        return {f"{n}.bias": m.bias for n, m in modules.items() if getattr(m, "bias", None) is not None}
+
+
+def _check_has_biases(model: nn.Module) -> None:
+    """Refuse models whose transformer blocks have no bias at all (only a head would train)."""
+    in_blocks = [n for n, _ in model.named_parameters() if n.endswith(".bias") and block_index(n) is not None]
+    if not in_blocks:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise UserError(
+            f"method 'bitfit': this model ({model_type}) has no bias terms in its transformer blocks, so BitFit "
+            f"would train nothing but the task head; use a model with biases (BERT, RoBERTa...) or another "
+            f"method (lora, adapter, full)"
+        )
+
+
+def _subset_regex(model: nn.Module) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUBSET_MODULES:
+        raise UserError(
+            f"recipe key 'delta.subset': the BitFit subset (query + second MLP bias) is not defined for model type "
+            f"'{model_type}' (known: {', '.join(SUBSET_MODULES)}); set subset: false to train every bias"
+        )
+    return SUBSET_MODULES[model_type]
+
+
+DELTA = BitFit

@@ -1,0 +1,108 @@
+"""Helpers shared by the delta tests: tiny models, fixed batches, snapshots."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+PAD = 2  # "<pad>" in the conftest tokenizer (also present in the Llama one, which just has no pad_token set)
+
+
+def quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+@dataclass
+class Arch:
+    """A tiny model for one task: how to load it, its task head, and a batch for it."""
+
+    name: str
+    pristine: nn.Module
+    head: list[str] = field(default_factory=list)
+
+    def fresh(self) -> nn.Module:
+        return copy.deepcopy(self.pristine)
+
+    def batch(self) -> dict[str, torch.Tensor]:
+        return make_batch(self.name)
+
+
+def load_arch(name: str, directory) -> Arch:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    quiet_transformers()
+    torch.manual_seed(0)
+    if name == "llama":  # causal LM
+        model, head = AutoModelForCausalLM.from_pretrained(directory), []
+    else:  # BERT seq-cls: the pooler and classifier are missing from the checkpoint, so they are the head
+        model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=2)
+        head = ["classifier", "bert.pooler"]
+    return Arch(name, model.eval(), head)
+
+
+def make_batch(arch: str, size: int = 3, length: int = 7) -> dict[str, torch.Tensor]:
+    """Fixed token ids; row 1 right-padded, row 2 left-padded (both layouts must work)."""
+    gen = torch.Generator().manual_seed(123)
+    ids = torch.randint(5, 250, (size, length), generator=gen)
+    mask = torch.ones(size, length, dtype=torch.long)
+    mask[1, length - 3:] = 0
+    mask[2, :2] = 0
+    ids = ids.masked_fill(mask == 0, PAD)
+    if arch == "llama":
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1][:size])}
+
+
+def forward(model: nn.Module, delta, batch: dict) -> torch.Tensor:
+    """Logits of one forward pass, the way the trainer runs it (through prepare_inputs)."""
+    with torch.no_grad():
+        inputs = delta.prepare_inputs(batch) if delta is not None else batch
+        return model(**inputs).logits
+
+
+def perturb(delta, scale: float = 0.05, seed: int = 7) -> None:
+    """Make every delta tensor non-trivial (LoRA's B and the adapters' W_up start at zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in delta.delta_parameters().values():
+            p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * scale)
+
+
+def train_step(model: nn.Module, delta, batch: dict) -> set[int]:
+    """One AdamW step (lr 1e-2, no weight decay, so a tensor moves only if it got a gradient).
+
+    Returns the ids of the parameters that got a non-zero gradient.
+    """
+    model.train()
+    optimizer = torch.optim.AdamW(list(delta.trainable_parameters().values()), lr=1e-2, weight_decay=0.0)
+    loss = model(**delta.prepare_inputs(batch)).loss
+    loss.backward()
+    got_grad = {id(p) for p in model.parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    optimizer.step()
+    optimizer.zero_grad()
+    model.eval()
+    return got_grad
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything detach must give back: tensors, module tree, hooks, grad flags."""
+    return {
+        "tensors": {n: t.detach().clone() for n, t in model.state_dict(keep_vars=True).items()},
+        "modules": [n for n, _ in model.named_modules()],
+        "hooks": hook_count(model),
+        "flags": {n: p.requires_grad for n, p in model.named_parameters()},
+    }
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def numel(params) -> int:
+    return sum(p.numel() for p in params)
