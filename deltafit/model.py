@@ -23,6 +23,7 @@ from typing import Optional
 
 from deltafit.errors import UserError
 
+CACHE_VERSION = 2  # bump when the dequantized cache's layout changes, so stale copies are rebuilt
 TASK_CLASSES = {"causal-lm": "AutoModelForCausalLM", "seq-cls": "AutoModelForSequenceClassification"}
 
 
@@ -169,13 +170,18 @@ def _cached_dequantized(ref: ModelRef) -> Optional[ModelRef]:
 
 
 def _write_dequantized(gguf: Path, target: Path) -> None:
+    import sys
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    print(f"dequantizing {gguf.name} into a plain model (once; cached in {target.parent})", file=sys.stderr)
     with _quiet_loading():
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    # Without the GGUF quantization_config, the copy loads as an ordinary (savable, trainable) model.
+    settings = {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
+    plain = AutoModelForCausalLM.from_config(type(loaded.config).from_dict(settings), dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
     # Written beside the target, then renamed: a killed run never leaves a half cache behind.
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
@@ -196,7 +202,8 @@ def cache_dir() -> Path:
 
 def _file_key(path: Path) -> str:
     stat = path.stat()
-    return hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = f"{CACHE_VERSION}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def _common_kwargs(spec) -> dict:

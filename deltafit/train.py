@@ -64,6 +64,7 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     delta = deltas.build(recipe.delta)
+    delta.tokenizer = tokenizer
     delta.attach(model, head=head)
     # 4. Optimizer, schedule and loaders, then hand them all to Accelerate.
     collate = make_collator(tokenizer.pad_token_id, recipe.model.task)

@@ -57,6 +57,8 @@ class Delta:
     # detach() also undoes training. False only where the delta *is* the base weights and keeping a
     # pristine copy would double memory (full fine-tuning): detach then only restores grad flags.
     detach_restores_weights: ClassVar[bool] = True
+    # The run's tokenizer, set by the trainer before attach, for methods that initialize from text.
+    tokenizer: Any = None
 
     def __init__(self, config: DeltaConfig):
         self.config = config

@@ -63,7 +63,6 @@ class PromptTuning(Delta):
     not_mergeable_because = "the prompt is extra input tokens, not a change of weights"
     zero_init_identity = False
     Config = PromptConfig
-    tokenizer: Any = None  # only needed for init: text
 
     def _attach(self, model: nn.Module) -> None:
         table = model.get_input_embeddings().weight
