@@ -44,6 +44,7 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None)
 
     output_dir = Path(output_dir or recipe.resolved_output_dir())
     t = recipe.train
+    _check_trackers(recipe.log.trackers)
     # 1. Accelerate: precision, accumulation and (when launched so) several processes.
     accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
                               log_with=recipe.log.trackers or None, project_dir=str(output_dir))
@@ -238,6 +239,19 @@ def _restore(directory: Path, delta, optimizer, scheduler, accelerator) -> Progr
     scheduler.load_state_dict(state["scheduler"])
     accelerator.print(f"resumed from {directory} at step {state['progress']['step']}")
     return Progress(**state["progress"])
+
+
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+
+
+def _check_trackers(trackers) -> None:
+    """Accelerate silently drops trackers whose package is missing; the user asked for it, so say so."""
+    from importlib.util import find_spec
+
+    for name in trackers:
+        if not any(find_spec(module) for module in TRACKER_PACKAGES[name]):
+            raise UserError(f"recipe key 'log.trackers': '{name}' needs the {TRACKER_PACKAGES[name][0]} package "
+                            f"(pip install {TRACKER_PACKAGES[name][0]}), or remove it from log.trackers")
 
 
 def _check_writable(output_dir: Path) -> None:

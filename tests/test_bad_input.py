@@ -100,3 +100,12 @@ def test_merge_of_unmergeable_method_says_why(tmp_path, capsys):
 def test_bad_set_syntax(tmp_path, tiny_llama, alpaca_file, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_llama, lm_data(alpaca_file))
     assert_clean_error(*run_cli(capsys, "validate", recipe, "--set", "train.lr")[::2], "section.key=value")
+
+
+def test_tracker_without_its_package(tmp_path, tiny_llama, alpaca_file, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("tensorboard") else real(name, *a))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama, lm_data(alpaca_file), log={"trackers": ["tensorboard"]})
+    assert_clean_error(*run_cli(capsys, "train", recipe, "-o", tmp_path / "o")[::2], "log.trackers", "tensorboard")
