@@ -133,3 +133,19 @@ def test_real_process_exit_code_2_without_traceback(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "missing.yaml" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bf16_base_and_bf16_autocast_train_and_merge(tmp_path, tiny_llama, alpaca_file, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama, {"train": str(alpaca_file), "format": "alpaca", "max_length": 200},
+                          train={"max_steps": 2, "mixed_precision": "bf16"})
+    code, _, err = run_cli(capsys, "train", recipe, "--output", tmp_path / "run", "--set", "model.dtype=bfloat16")
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "run" / "final" / "delta.safetensors"))
+    assert all(t.dtype == torch.float32 for t in tensors.values())  # deltas stay fp32 on a bf16 base
+    code, out, err = run_cli(capsys, "merge", tmp_path / "run", "--output", tmp_path / "merged")
+    assert code == 0, err
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").dtype == torch.bfloat16
