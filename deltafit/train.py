@@ -46,6 +46,7 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None)
     t = recipe.train
     _check_trackers(recipe.log.trackers)
     # 1. Accelerate: precision, accumulation and (when launched so) several processes.
+    _forget_single_process_state()
     accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
                               log_with=recipe.log.trackers or None, project_dir=str(output_dir))
     resume_from = _resume_checkpoint(output_dir, resume)
@@ -239,6 +240,20 @@ def _restore(directory: Path, delta, optimizer, scheduler, accelerator) -> Progr
     scheduler.load_state_dict(state["scheduler"])
     accelerator.print(f"resumed from {directory} at step {state['progress']['step']}")
     return Progress(**state["progress"])
+
+
+def _forget_single_process_state() -> None:
+    """Let a second `fit` in the same Python process choose its own precision.
+
+    Accelerate keeps its state process-wide and refuses a different mixed_precision once set. In a
+    plain (non-launched) process nothing is shared with other ranks, so dropping it is safe; under a
+    distributed launch the state is left alone.
+    """
+    from accelerate.state import AcceleratorState, DistributedType, GradientState
+
+    if AcceleratorState._shared_state and AcceleratorState().distributed_type == DistributedType.NO:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
