@@ -154,6 +154,9 @@ def _save_trainer_state(directory: Path, state: dict) -> None:
     """Optimizer/scheduler/RNG state as safetensors + JSON (no pickle, like the delta itself)."""
     directory.mkdir()
     tensors, plain = _split_tensors(state["optimizer"], "optimizer")
+    method_tensors, method_plain = _split_tensors(state.get("method", {}), "method")
+    tensors.update(method_tensors)
+    plain.update(method_plain)
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -177,7 +180,7 @@ def load_trainer_state(directory: Path) -> dict:
     version, state, gauss = plain["python_rng"]
     random.setstate((version, tuple(state), gauss))
     return {"optimizer": _join_tensors(plain["optimizer"], tensors), "scheduler": plain["scheduler"],
-            "progress": plain["progress"]}
+            "progress": plain["progress"], "method": _join_tensors(plain.get("method", {}), tensors)}
 
 
 def _split_tensors(obj: Any, prefix: str) -> tuple[dict[str, torch.Tensor], Any]:

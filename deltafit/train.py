@@ -106,6 +106,8 @@ def _loop(recipe, accelerator, model, delta, optimizer, scheduler, train_rows, c
                 loss = _forward(model, delta, batch)
                 accelerator.backward(loss)
                 grad_norm = _clip(accelerator, delta, t.max_grad_norm)
+                if accelerator.sync_gradients:
+                    delta.before_optimizer_step(progress.step + 1)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -206,7 +208,7 @@ def _save(recipe, delta, accelerator, label_names, progress, directory, with_sta
         state = None
         if with_state:
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "progress": progress.__dict__}
+                     "progress": progress.__dict__, "method": delta.schedule_state()}
         checkpoint.save(directory, meta, delta.state_dict(), recipe.to_dict(), state)
     accelerator.wait_for_everyone()
     return directory
@@ -238,6 +240,7 @@ def _restore(directory: Path, delta, optimizer, scheduler, accelerator) -> Progr
     state = checkpoint.load_trainer_state(directory)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    delta.load_schedule_state(state["method"])
     accelerator.print(f"resumed from {directory} at step {state['progress']['step']}")
     return Progress(**state["progress"])
 

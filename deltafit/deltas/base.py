@@ -109,8 +109,14 @@ class Delta:
         return dict(self.insertions.named_parameters())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Only the delta's tensors (and the task head's): what a checkpoint stores."""
-        state = {n: p.detach() for n, p in self.delta_parameters().items()}
+        """Only the delta's tensors (and the task head's): what a checkpoint stores.
+
+        Inserted parameters are included whether or not they train right now, so the key set is
+        the same at every step of a run that freezes parts of its delta on a schedule (LaMDA's B,
+        AFLoRA's paths); frozen-forever tensors that can be regenerated belong in buffers.
+        """
+        state = {n: p.detach() for n, p in self.insertions.named_parameters(trainable_only=False)}
+        state.update({n: p.detach() for n, p in self.delta_parameters().items()})
         state.update(self._extra_state())
         state.update({HEAD_PREFIX + n: p.detach() for n, p in self._own_head().items()})
         return state
@@ -151,8 +157,23 @@ class Delta:
         """A regularizer added to the task loss (AdaLoRA orthogonality, L0 penalties...)."""
         return None
 
+    def before_optimizer_step(self, step: int) -> None:
+        """Called once per optimizer step, after backward and gradient clipping, while the gradients
+        still exist (importance scores for AdaLoRA, AFLoRA). `step` is the step about to complete
+        (1-based)."""
+
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Called after every optimizer step (rank budgets, freezing schedules...)."""
+
+    def schedule_state(self) -> dict[str, Any]:
+        """The method's own training-schedule state (importance averages, rank masks, what is frozen),
+        saved in step checkpoints so a resumed run continues exactly. Nested dicts/lists of tensors
+        and JSON values. Stateless methods return {}."""
+        return {}
+
+    def load_schedule_state(self, state: dict[str, Any]) -> None:
+        """Restore what `schedule_state` returned; called after attach and after the optimizer state
+        is restored, before training continues."""
 
     # -- what subclasses implement -----------------------------------------------------------
 
@@ -218,10 +239,10 @@ class Insertions:
         """Only register `delta` under `host` (its parameters are used by hooks elsewhere)."""
         self._register(host_name, host, child, delta)
 
-    def named_parameters(self):
+    def named_parameters(self, trainable_only: bool = True):
         for key, (_, _, delta) in self.hosts.items():
             for n, p in delta.named_parameters():
-                if p.requires_grad:
+                if p.requires_grad or not trainable_only:
                     yield f"{key}.{n}", p
 
     def remove_all(self) -> None:
