@@ -209,7 +209,8 @@ def _save(recipe, delta, accelerator, label_names, progress, directory, with_sta
         if with_state:
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "progress": progress.__dict__, "method": delta.schedule_state()}
-        checkpoint.save(directory, meta, delta.state_dict(), recipe.to_dict(), state)
+        tensors = delta.state_dict() if with_state else delta.final_state_dict()
+        checkpoint.save(directory, meta, tensors, recipe.to_dict(), state)
     accelerator.wait_for_everyone()
     return directory
 

@@ -121,6 +121,12 @@ class Delta:
         state.update({HEAD_PREFIX + n: p.detach() for n, p in self._own_head().items()})
         return state
 
+    def final_state_dict(self) -> dict[str, torch.Tensor]:
+        """What the final checkpoint stores; by default the same as `state_dict`. Methods whose
+        training-time tensors are larger than the result (AdaLoRA trims pruned ranks) override it;
+        their `load_state_dict` must then accept both forms."""
+        return self.state_dict()
+
     def _own_head(self) -> dict[str, nn.Parameter]:
         """Head parameters the delta does not already hold (full FT and BitFit train head tensors
         too): listing a tensor twice would make the optimizer update it twice."""
