@@ -8,6 +8,20 @@ so the prompt/response boundary is exact in token space (no offset mapping or re
 prefixes). Prompt segments get label -100 unless `data.train_on_inputs`; EOS ends every response
 (chat responses end with whatever the chat template closes an assistant turn with).
 
+Packing (`data.packing`, on by default for causal-LM training data): `pack_examples` puts several
+examples into each row of at most `max_length` tokens. Each example keeps its own positions
+(position_ids restart at 0) and the collator gives packed batches no attention mask, which is how
+transformers is told to build a block-diagonal causal mask: no token attends across an example
+boundary (`use_packed_attention` checks that on the real model before training). The first label
+of every example is masked, so no example's first token is predicted from the one before it: a
+packed row has exactly the targets of its examples unpacked. Evaluation data is never packed.
+
+The tokenized result is cached (`data.cache`) under `<DELTAFIT_CACHE>/data/<key>/` as Arrow IPC
+files plus JSON (no pickle), written to a temporary folder renamed into place. The key is a hash
+of everything that changes the content: the bytes of the data files (a hub dataset's fingerprint),
+the tokenizer (its full serialized state and behaviour) and chat template, every data option
+(format, columns, max_length, packing, train_on_inputs...), and this module's own source.
+
 Every problem a user can fix (a missing file or column, bad bytes, an unknown label) is a
 `UserError` naming the recipe key. torch and datasets are imported inside functions so that
 importing this module (e.g. for `deltafit --help`) costs nothing.
@@ -15,10 +29,15 @@ importing this module (e.g. for `deltafit --help`) costs nothing.
 
 from __future__ import annotations
 
+import bisect
 import csv
+import hashlib
 import json
 import math
+import os
 import random
+import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -52,15 +71,83 @@ class Prepared:
     label_names: Optional[list[str]]  # classification: id -> original label (as str)
     stats: dict = field(default_factory=dict)
 
+    @property
+    def packed(self) -> bool:
+        """Training rows hold several examples each (see `pack_examples`)."""
+        return bool(self.train) and "position_ids" in self.train[0]
+
 
 # ----------------------------------------------------------------------------------------------
 # Public entry points
 
 
 def prepare_data(spec, tokenizer, task: str, seed: int, label_names: Optional[list[str]] = None,
-                 want_train: bool = True) -> Prepared:
-    """Load, format, tokenize and mask the recipe's data (`spec` is the recipe's `DataSpec`)."""
+                 want_train: bool = True, batch_size: Optional[int] = None) -> Prepared:
+    """Load, format, tokenize, mask and pack the recipe's data (`spec` is the recipe's `DataSpec`),
+    or read the same result from the cache. `batch_size` only adds padding figures to the stats."""
     _check_task(spec, task)
+    packing = resolve_packing(spec, task)
+    args = (tokenizer, task, seed, label_names, want_train)
+    prepared = _cached(spec.model_copy(update={"packing": bool(packing)}), *args)
+    if packing is None and want_train and prepared.train:
+        prepared = _pack_if_it_pays(prepared, spec, args, batch_size or 8)
+    if batch_size and prepared.train:
+        prepared.stats.update(padding_stats(prepared.train, batch_size, seed))
+    return prepared
+
+
+# Automatic packing must save at least this share of batch positions: packed batches need an
+# explicit block-diagonal mask, which rules out the fastest (plain causal) attention kernels.
+PACKING_MIN_SAVING = 0.1
+
+
+def _pack_if_it_pays(unpacked: Prepared, spec, args: tuple, batch_size: int) -> Prepared:
+    """`data.packing` unset: pack when that saves batch positions (compute). It does not when the
+    examples are about equally long and over half of max_length: few pairs fit, and rows of one
+    and of two examples batched together pad more than the examples alone."""
+    seed = args[2]
+    rows = pack_examples(unpacked.train, spec.max_length)
+    before, after = (_batch_positions(_lengths(r), batch_size, seed) for r in (unpacked.train, rows))
+    if after <= (1 - PACKING_MIN_SAVING) * before:
+        return _cached(spec.model_copy(update={"packing": True}), *args, build=lambda: _with_rows(unpacked, rows))
+    unpacked.stats["train_padding_if_packed"] = _padding_fraction(_lengths(rows), batch_size, seed)
+    return unpacked
+
+
+def _cached(spec, tokenizer, task: str, seed: int, label_names, want_train: bool, build=None) -> Prepared:
+    """The prepared data from the cache, else built (by `build`, default: from the rows) and cached."""
+    key = _cache_key(spec, tokenizer, task, seed, label_names, want_train) if spec.cache else None
+    prepared, status = (_read_cache(key) if key else None), "hit"
+    if prepared is None:
+        prepared, status = (build or (lambda: _build(spec, tokenizer, task, seed, label_names, want_train)))(), "built"
+        if key:
+            _write_cache(key, prepared)
+    prepared.stats["data_cache"] = f"{status} {data_cache_root() / key}" if key else "off"
+    return prepared
+
+
+def _with_rows(prepared: Prepared, rows: list[dict]) -> Prepared:
+    stats = {k: v for k, v in prepared.stats.items() if k != "data_cache"}
+    return Prepared(rows, prepared.eval, prepared.label_names, {**stats, "train_packed_rows": len(rows)})
+
+
+def resolve_packing(spec, task: str, method=None) -> Optional[bool]:
+    """Whether training rows are packed: True, False, or None for "when it saves compute" (decided
+    on the data). `data.packing` unset means the latter for causal-LM data, unless the delta method
+    (a Delta class, when known) cannot train on packed rows."""
+    supported = method is None or method.supports_packing
+    if spec.packing is None:
+        return None if task == "causal-lm" and supported else False
+    if spec.packing and task != "causal-lm":
+        raise UserError("recipe key 'data.packing': only causal-LM examples can be packed; classification "
+                        "(model.task seq-cls) keeps one example per row, so leave data.packing unset or false")
+    if spec.packing and not supported:
+        raise UserError(f"recipe key 'data.packing': method '{method.name}' cannot train on packed rows (it adds "
+                        f"inputs in front of each sequence); leave data.packing unset or set it to false")
+    return spec.packing
+
+
+def _build(spec, tokenizer, task: str, seed: int, label_names: Optional[list[str]], want_train: bool) -> Prepared:
     splits = _load_splits(spec, seed, want_train)
     classification = spec.format == "classification"
     if classification and not label_names:
@@ -76,6 +163,9 @@ def prepare_data(spec, tokenizer, task: str, seed: int, label_names: Optional[li
     stats = {"eval_source": splits.eval_source if splits.eval is not None else None}
     train = _encode_split(splits.train, "train", "data.train", encode, stats)
     evaluation = _encode_split(splits.eval, "eval", splits.eval_key, encode, stats)
+    if spec.packing and train:
+        train = pack_examples(train, spec.max_length)
+        stats["train_packed_rows"] = len(train)
     return Prepared(train, evaluation, label_names if classification else None, stats)
 
 
@@ -111,7 +201,7 @@ def load_rows(source: str, config: Optional[str] = None, split: str = "train", k
 
 
 def make_collator(pad_token_id: Optional[int], task: str) -> "Collator":
-    """Batch examples with dynamic right-padding to the longest one in the batch."""
+    """Batch examples (or packed rows) with dynamic right-padding to the longest one in the batch."""
     return Collator(pad_token_id, task)
 
 
@@ -125,6 +215,8 @@ class Collator:
         self.classification = task == "seq-cls"
 
     def __call__(self, batch: list[dict]) -> dict:
+        if "position_ids" in batch[0]:
+            return self._packed(batch)
         import torch
 
         width = max(len(ex["input_ids"]) for ex in batch)
@@ -140,6 +232,34 @@ class Collator:
         if self.classification:
             labels = torch.tensor([ex["labels"] for ex in batch], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def _packed(self, batch: list[dict]) -> dict:
+        """Packed rows: position_ids and no attention mask (transformers then keeps examples apart).
+        Padding gets position 0 at every slot, so each padding token is a one-token sequence of its
+        own; real examples are never shorter than 2 tokens, which `batch_tokens` relies on."""
+        import torch
+
+        width = max(len(row["input_ids"]) for row in batch)
+        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, row in enumerate(batch):
+            n = len(row["input_ids"])
+            input_ids[i, :n] = torch.tensor(row["input_ids"], dtype=torch.long)
+            labels[i, :n] = torch.tensor(row["labels"], dtype=torch.long)
+            position_ids[i, :n] = torch.tensor(row["position_ids"], dtype=torch.long)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def batch_tokens(batch: dict) -> int:
+    """Real (non-padding) tokens in a collated batch, packed or not."""
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return int(mask.sum())
+    # Packed: padding is the run of position 0s at the end of a row (see Collator._packed).
+    positions = batch["position_ids"]
+    trailing_zeros = (positions.flip(-1) != 0).int().argmax(-1)
+    return int(positions.shape[1] * positions.shape[0] - trailing_zeros.sum())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,6 +310,8 @@ def _load_hub(source: str, config: Optional[str], split: str, key: str):
 
 def _read_json(path: Path):
     text = path.read_text(encoding="utf-8-sig")
+    if not text.strip():
+        raise _BadFile("is empty (expected [{...}, ...] or one {...} per line)")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -228,7 +350,21 @@ def _from_records(records: list[dict]):
     try:
         return datasets.Dataset.from_dict({c: [r.get(c) for r in records] for c in columns})
     except pyarrow.lib.ArrowException as e:
-        raise _BadFile(f"has a column whose values mix types ({e})") from None
+        raise _BadFile(f"has a column whose values mix types: {_mixed_column(records, columns) or e} "
+                       f"(every row must give a column the same kind of value)") from None
+
+
+def _mixed_column(records: list[dict], columns) -> str:
+    """Which column Arrow could not type, e.g. "column 'output' (str and dict)"."""
+    import pyarrow
+
+    for c in columns:
+        try:
+            pyarrow.array([r.get(c) for r in records])
+        except pyarrow.lib.ArrowException:
+            kinds = dict.fromkeys(type(r[c]).__name__ for r in records if r.get(c) is not None)
+            return f"column '{c}' ({' and '.join(kinds)})"
+    return ""
 
 
 def _read_delimited(path: Path, delimiter: str, quoting: int):
@@ -237,6 +373,9 @@ def _read_delimited(path: Path, delimiter: str, quoting: int):
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
         header = next(reader, None) or []
+        if not header:
+            raise _BadFile("is empty: it has no rows and no header (expected a header line naming the columns, "
+                           "then one row per line)")
         if len(set(header)) != len(header):
             raise _BadFile(f"has a repeated column name in its header ({', '.join(header)})")
         columns = [[] for _ in header]
@@ -546,8 +685,13 @@ def _as_number(text: str) -> Optional[float]:
 
 def _labels_of(ds, spec, key: str) -> list[str]:
     values = _column(ds, spec.label_column)
-    if any(v is None or v == "" for v in values):
-        raise UserError(f"recipe key 'data.label_column': some rows of {key} have no value in column '{spec.label_column}'")
+    empty = [i for i, v in enumerate(values) if v is None or v == ""]
+    if empty:
+        # Rows may be shuffled by now, so the row is named by its text rather than its position.
+        text = _column(ds, spec.text_column)[empty[0]] if spec.text_column in ds.column_names else None
+        example = f" (e.g. the row whose {spec.text_column} is {str(text)[:60]!r})" if text is not None else ""
+        raise UserError(f"recipe key 'data.label_column': {len(empty)} row(s) of {key} have no value in column "
+                        f"'{spec.label_column}'{example}; every row needs a label")
     return [_label_key(v) for v in values]
 
 
@@ -587,3 +731,249 @@ def _encode_classification(ds, spec, tokenizer, label_names: list[str], key: str
     examples = [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": label}
                 for ids, label in zip(encoded, labels)]
     return examples, len(long), 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing
+
+
+def pack_examples(examples: list[dict], capacity: int) -> list[dict]:
+    """Best-fit decreasing: each example, longest first, goes into the fullest row it still fits.
+
+    Rows keep their examples in data order. Examples are at most `capacity` tokens (truncation
+    comes first), so every one fits somewhere.
+    """
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (free tokens, row index) of rows with space left, sorted
+    for i in order:
+        size = len(examples[i]["input_ids"])
+        at = bisect.bisect_left(room, (size, -1))
+        if at < len(room):
+            free, row = room.pop(at)
+            rows[row].append(i)
+        else:
+            free, row = capacity, len(rows)
+            rows.append([i])
+        if free - size > 0:
+            bisect.insort(room, (free - size, row))
+    return [_join([examples[i] for i in sorted(row)]) for row in rows]
+
+
+def _join(examples: list[dict]) -> dict:
+    """One packed row; the first label of each example is masked (it would be predicted from the
+    previous example's last token; unpacked, no label at position 0 is ever used either)."""
+    row = {"input_ids": [], "labels": [], "position_ids": []}
+    for ex in examples:
+        row["input_ids"] += ex["input_ids"]
+        row["labels"] += [IGNORE_INDEX] + ex["labels"][1:]
+        row["position_ids"] += list(range(len(ex["input_ids"])))
+    return row
+
+
+def example_lengths(rows: list[dict]) -> list[int]:
+    """Token count of every example in `rows`, packed or not (packed examples start at position 0)."""
+    lengths = []
+    for row in rows:
+        if "position_ids" not in row:
+            lengths.append(len(row["input_ids"]))
+            continue
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
+        lengths += [b - a for a, b in zip(starts, starts[1:])]
+    return lengths
+
+
+def padding_stats(rows: list[dict], batch_size: int, seed: int) -> dict:
+    """Share of batch positions that are padding, for rows batched in a seeded random order as the
+    trainer does; for packed rows also what it would have been with the examples unpacked."""
+    stats = {"train_padding": _padding_fraction(_lengths(rows), batch_size, seed)}
+    if rows and "position_ids" in rows[0]:
+        stats["train_padding_unpacked"] = _padding_fraction(example_lengths(rows), batch_size, seed)
+    return stats
+
+
+def _lengths(rows: list[dict]) -> list[int]:
+    return [len(row["input_ids"]) for row in rows]
+
+
+def _padding_fraction(lengths: list[int], batch_size: int, seed: int) -> float:
+    positions = _batch_positions(lengths, batch_size, seed)
+    return round(1 - sum(lengths) / positions, 4) if positions else 0.0
+
+
+def _batch_positions(lengths: list[int], batch_size: int, seed: int) -> int:
+    """Token slots (real + padding) of one epoch's batches of rows of these lengths, seeded order."""
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    batches = (order[start: start + batch_size] for start in range(0, len(order), batch_size))
+    return sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
+
+
+def use_packed_attention(model) -> None:
+    """Make `model` keep the examples of a packed row apart, and check on a probe that it does.
+
+    transformers builds a block-diagonal causal mask from position_ids that restart at 0, but only
+    with no attention mask and no cache; a causal LM makes an (empty) cache in every forward
+    unless `use_cache` is off. A model whose attention ignores all this would let examples see
+    each other: refused, naming data.packing.
+    """
+    import torch
+
+    model.config.use_cache = False
+    device = next(model.parameters()).device
+    ids = torch.tensor([[1, 2, 3, 4, 5]], device=device) % model.config.get_text_config().vocab_size
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1]], device=device)).logits[0, 3:]
+        alone = model(input_ids=ids[:, 3:]).logits[0]
+    model.train(was_training)
+    packed, alone = packed.float(), alone.float()
+    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    if (packed - alone).abs().max() > tolerance * max(1.0, float(alone.abs().max())):
+        raise UserError(f"recipe key 'data.packing': {type(model).__name__} lets the examples of a packed row attend "
+                        f"to each other (its attention does not follow restarting position_ids); set data.packing: false")
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache of tokenized data
+
+
+def data_cache_root() -> Path:
+    from deltafit.model import cache_dir  # the same root as the dequantized-model cache
+
+    return cache_dir() / "data"
+
+
+def _cache_key(spec, tokenizer, task: str, seed: int, label_names, want_train: bool) -> Optional[str]:
+    """Hash of everything that decides the prepared data; None when a source cannot be fingerprinted
+    (a missing file: building then reports it properly)."""
+    import tokenizers
+    import transformers
+
+    sources = _sources(spec, want_train)
+    fingerprints = [_source_fingerprint(*source) for source in sources]
+    if None in fingerprints:
+        return None
+    selects = spec.eval_fraction or spec.max_train_examples
+    parts = {
+        "code": _code_fingerprint(),
+        "libraries": [transformers.__version__, tokenizers.__version__],
+        # Files are known by their bytes, not their paths: a moved or copied file still hits.
+        "sources": [[config, split, key, fingerprint] for (_, config, split, key), fingerprint in zip(sources, fingerprints)],
+        "spec": spec.model_dump(mode="json", exclude={"cache", "train", "eval"}),
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "task": task, "label_names": label_names, "want_train": want_train,
+        "seed": seed if selects else None,  # the seed only picks rows when rows are held out or capped
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _code_fingerprint() -> str:
+    """This module's source: any change to how data is prepared invalidates what it cached before."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def _sources(spec, want_train: bool) -> list[tuple[str, Optional[str], str, str]]:
+    """(source, config, split, recipe key) of every dataset `_load_splits` reads for this spec."""
+    sources = []
+    if want_train or spec.eval_fraction:
+        sources.append((spec.train, spec.config, spec.split, "data.train"))
+    if spec.eval:
+        config = spec.config if spec.eval == spec.train else None
+        sources.append((spec.eval, config, spec.eval_split or "train", "data.eval"))
+    elif spec.eval_split:
+        sources.append((spec.train, spec.config, spec.eval_split, "data.eval_split"))
+    return sources
+
+
+def _source_fingerprint(source: str, config: Optional[str], split: str, key: str) -> Optional[str]:
+    """Content hash of a local file or folder or builtin dataset; a hub dataset's own fingerprint."""
+    if source.startswith(BUILTIN_PREFIX):
+        rows = load_builtin(source[len(BUILTIN_PREFIX):])
+        return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+    path = Path(source).expanduser()
+    if path.is_file():
+        return _file_digest(path, hashlib.sha256()).hexdigest()
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(f for f in path.rglob("*") if f.is_file() and not _hidden(f, path)):
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+            _file_digest(file, digest)
+        return digest.hexdigest()
+    if _looks_local(source, path):
+        return None
+    # Hub datasets: the datasets library fingerprints the prepared files of the revision it loaded.
+    return f"hub:{source}:{load_rows(source, config, split, key)._fingerprint}"
+
+
+def _file_digest(path: Path, digest):
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest
+
+
+def _hidden(file: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in file.relative_to(root).parts)  # .git, .cache, ...
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    """The tokenizer's full serialized state (vocab, merges, added tokens, normalizer, templates),
+    its chat template, special tokens, and how it encodes a probe (catches e.g. add_bos_token)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    probe = "Hello world!\n  2 + 2 = 4"
+    parts = [type(tokenizer).__name__, state, getattr(tokenizer, "chat_template", None), str(tokenizer.special_tokens_map),
+             tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer(probe)["input_ids"],
+             tokenizer(probe, add_special_tokens=False)["input_ids"]]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+
+
+SPLITS = ("train", "eval")
+
+
+def _read_cache(key: str) -> Optional[Prepared]:
+    """The cached result, or None when absent or unreadable (it is then rebuilt and replaced)."""
+    import pyarrow
+
+    directory = data_cache_root() / key
+    try:
+        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+        splits = {name: _read_table(directory / f"{name}.arrow") if meta["has"][name] else None for name in SPLITS}
+    except (OSError, ValueError, KeyError, pyarrow.lib.ArrowException):
+        return None
+    return Prepared(splits["train"], splits["eval"], meta["label_names"], meta["stats"])
+
+
+def _read_table(path: Path) -> list[dict]:
+    import pyarrow
+
+    with pyarrow.memory_map(str(path)) as source:
+        return pyarrow.ipc.open_file(source).read_all().to_pylist()
+
+
+def _write_cache(key: str, prepared: Prepared) -> None:
+    """Arrow IPC files + JSON in a temporary folder, renamed into place: never a half-written entry."""
+    import pyarrow
+
+    directory = data_cache_root() / key
+    tmp = directory.with_name(f"{key}.tmp{os.getpid()}-{time.time_ns()}")
+    try:
+        tmp.mkdir(parents=True)
+        for name in SPLITS:
+            rows = getattr(prepared, name)
+            if rows is not None:
+                table = pyarrow.Table.from_pylist(rows)
+                with pyarrow.OSFile(str(tmp / f"{name}.arrow"), "wb") as sink:
+                    with pyarrow.ipc.new_file(sink, table.schema) as writer:
+                        writer.write_table(table)
+        meta = {"has": {name: getattr(prepared, name) is not None for name in SPLITS},
+                "label_names": prepared.label_names, "stats": prepared.stats}
+        (tmp / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+        shutil.rmtree(directory, ignore_errors=True)  # an unreadable entry being replaced
+        tmp.rename(directory)
+    except OSError:
+        pass  # another process wrote the same entry first, or the cache is not writable: it is optional
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -48,6 +48,8 @@ def write_json(path, rows, lines=False):
 
 
 def prep(tokenizer, task="causal-lm", seed=0, **spec):
+    # One example per row, as encoded: packing (the causal-LM default) is tested in test_packing.py.
+    spec.setdefault("packing", False)
     return prepare_data(DataSpec(**spec), tokenizer, task, seed)
 
 
