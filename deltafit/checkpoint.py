@@ -58,21 +58,37 @@ def save(directory: Path, meta: dict, tensors: dict[str, torch.Tensor], recipe_d
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
-    (tmp / RECIPE).write_text(yaml.safe_dump(recipe_dict, sort_keys=False), encoding="utf-8")
-    if trainer_state is not None:
-        _save_trainer_state(tmp / TRAINER, trainer_state)
-    _write_json(tmp / META, meta)  # written last: its presence marks the content complete
-    _fsync_dir(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
+        (tmp / RECIPE).write_text(yaml.safe_dump(recipe_dict, sort_keys=False), encoding="utf-8")
+        if trainer_state is not None:
+            _save_trainer_state(tmp / TRAINER, trainer_state)
+        meta = {**meta, "files": _manifest(tmp)}  # sizes and hashes: a damaged file is caught on load
+        _write_json(tmp / META, meta)  # written last: its presence marks the content complete
+        _fsync_dir(tmp)
+    except OSError as e:  # disk full, quota, permissions: drop the partial copy, keep the old one
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"; the existing '{directory.name}' is untouched" if directory.exists() else ""
+        raise UserError(f"could not write checkpoint '{directory}': {e.strerror or e}{kept}. "
+                        f"Free disk space or choose another --output") from None
     _replace_dir(tmp, directory)
     return directory
+
+
+def estimated_bytes(tensors: dict[str, torch.Tensor], with_optimizer: bool) -> int:
+    """Size of one checkpoint of these tensors; AdamW keeps two more tensors of each."""
+    size = sum(t.numel() * 4 for t in tensors.values())  # stored as the params' dtype, fp32 at most
+    return size * (3 if with_optimizer else 1)
 
 
 def load(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, tensors) of a checkpoint; anything that is not one is a clear user error."""
     directory = find_checkpoint(path)
     meta = read_meta(directory)
+    problem = damage(directory, meta)
+    if problem:
+        raise UserError(f"checkpoint '{directory}' is damaged: {problem}")
     try:
         tensors = load_file(str(directory / TENSORS))
     except (SafetensorError, OSError, ValueError) as e:
@@ -96,7 +112,7 @@ def find_checkpoint(path: str | Path) -> Path:
     pickles = [n for n in found if n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
     hint = f"; pickle files ({', '.join(pickles)}) are never loaded, only safetensors + JSON" if pickles else ""
     if (path / "adapter_config.json").is_file():
-        hint = "; it looks like a PEFT adapter, which deltafit cannot import yet"
+        hint = "; it is a PEFT adapter: `deltafit eval` and `deltafit merge` read it directly"
     raise UserError(f"'{path}' is not a deltafit checkpoint (no {META}; found: {', '.join(found) or 'nothing'}){hint}")
 
 
@@ -112,11 +128,31 @@ def read_meta(directory: Path) -> dict:
         raise UserError(f"checkpoint '{directory}': {META} lacks {', '.join(missing)}")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise UserError(f"checkpoint '{directory}' was written by a newer deltafit (format {meta['format_version']}); upgrade deltafit")
+    _check_delta_config(directory, meta)
     return meta
 
 
+def _check_delta_config(directory: Path, meta: dict) -> None:
+    """The method and its options must be ones this deltafit can rebuild (checked before any weights load)."""
+    from deltafit.recipe import validate_delta
+
+    where = f"checkpoint '{directory}' {META}"
+    if not isinstance(meta["delta_config"], dict):
+        raise UserError(f"{where}: delta_config must be a mapping of the method's options")
+    config = validate_delta(meta["delta_config"], source=where)
+    if meta["method"] != config.method:
+        raise UserError(f"{where}: method '{meta['method']}' does not match delta_config's method '{config.method}'")
+
+
 def read_recipe_dict(directory: Path) -> dict:
-    return yaml.safe_load((Path(directory) / RECIPE).read_text(encoding="utf-8")) or {}
+    """The checkpoint's recipe.yaml, read like any recipe (plain YAML only)."""
+    from deltafit.recipe import read_recipe_file
+
+    path = Path(directory) / RECIPE
+    if not path.is_file():
+        raise UserError(f"checkpoint '{directory}': {RECIPE} is missing (every checkpoint is written with one, "
+                        f"so this one is incomplete)")
+    return read_recipe_file(path)
 
 
 def _require_tensors(directory: Path) -> Path:
@@ -134,11 +170,60 @@ def step_dir(output_dir: Path, step: int) -> Path:
 
 
 def latest_step_checkpoint(checkpoints: Path) -> Optional[Path]:
-    """The newest complete step checkpoint (temp dirs and ones without metadata are ignored)."""
+    """The newest complete, undamaged step checkpoint. Temp dirs of a killed save have no metadata
+    and are ignored; one whose files do not match its manifest is passed over with a warning."""
     if not checkpoints.is_dir():
         return None
-    complete = [p for p in checkpoints.iterdir() if p.name.startswith(STEP_PREFIX) and (p / META).is_file()]
-    return max(complete, key=lambda p: p.name) if complete else None
+    candidates = sorted((p for p in checkpoints.iterdir() if p.name.startswith(STEP_PREFIX) and (p / META).is_file()),
+                        key=lambda p: p.name, reverse=True)
+    for candidate in candidates:
+        try:
+            problem = damage(candidate, read_meta(candidate))
+        except UserError as e:
+            problem = str(e)
+        if not problem:
+            return candidate
+        _warn(f"skipping damaged checkpoint {candidate}: {problem}")
+    return None
+
+
+def damage(directory: Path, meta: dict) -> Optional[str]:
+    """What is wrong with a checkpoint's files against the manifest in its metadata, or None."""
+    files = meta.get("files") or {}
+    if not isinstance(files, dict) or not all(isinstance(w, dict) and {"bytes", "sha256"} <= set(w) for w in files.values()):
+        return f"the file manifest in {META} is malformed"
+    for name, want in files.items():
+        path = directory / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return f"the manifest names '{name}', outside the checkpoint"
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, {want['bytes']} were written (truncated?)"
+        if _sha256(path) != want["sha256"]:
+            return f"{name} does not match the hash recorded when it was written"
+    return None
+
+
+def _manifest(directory: Path) -> dict:
+    return {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def prune(output_dir: Path, keep_last: int) -> None:
@@ -173,6 +258,7 @@ def load_trainer_state(directory: Path) -> dict:
         plain = json.loads((directory / TRAINER / "state.json").read_text())
     except (OSError, SafetensorError, ValueError) as e:
         raise UserError(f"checkpoint '{directory}' cannot be resumed: trainer state is missing or damaged ({e})") from None
+    _check_trainer_state(directory, tensors, plain)
     torch.set_rng_state(tensors.pop("rng.torch"))
     cuda = [tensors.pop(k) for k in sorted(k for k in list(tensors) if k.startswith("rng.cuda."))]
     if cuda and torch.cuda.is_available():
@@ -181,6 +267,20 @@ def load_trainer_state(directory: Path) -> dict:
     random.setstate((version, tuple(state), gauss))
     return {"optimizer": _join_tensors(plain["optimizer"], tensors), "scheduler": plain["scheduler"],
             "progress": plain["progress"], "method": _join_tensors(plain.get("method", {}), tensors)}
+
+
+def _check_trainer_state(directory: Path, tensors: dict, plain: Any) -> None:
+    """The shape resume relies on, checked before anything is restored."""
+    where = f"checkpoint '{directory}' cannot be resumed: {TRAINER}/state.json"
+    if not isinstance(plain, dict):
+        raise UserError(f"{where} is not a JSON object")
+    missing = [k for k in ("optimizer", "scheduler", "progress", "python_rng") if k not in plain]
+    if missing or "rng.torch" not in tensors:
+        raise UserError(f"{where} lacks {', '.join(missing or ['rng.torch (in state.safetensors)'])}")
+    progress = plain["progress"]
+    counts = progress.values() if isinstance(progress, dict) else [None]
+    if not all(type(v) is int and v >= 0 for v in counts):
+        raise UserError(f"{where}: 'progress' must map names to non-negative counts (got {str(progress)[:120]})")
 
 
 def _split_tensors(obj: Any, prefix: str) -> tuple[dict[str, torch.Tensor], Any]:

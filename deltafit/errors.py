@@ -12,6 +12,15 @@ class UserError(Exception):
     """A mistake in the user's input, reported as one clear line (exit code 2)."""
 
 
+class Interrupted(Exception):
+    """A run stopped on request (SIGINT/SIGTERM) after saving a checkpoint; the message says how to
+    resume. The CLI exits with 128 + the signal number, as shells expect."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 # Names users bring from PEFT and the transformers Trainer, mapped to deltafit's own.
 ALIASES = {
     "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "rslora",

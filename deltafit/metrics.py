@@ -41,9 +41,12 @@ class MetricsLog:
         total = sum(p.numel() for p in delta.model.parameters())
         console.print(f"[bold]{delta.name}[/]: {trainable:,} trainable / {total:,} parameters "
                       f"({100 * trainable / total:.4f}%), {total_steps} steps"
+                      + (f" on {self.accelerator.num_processes} processes" if self.accelerator.num_processes > 1 else "")
                       + (f", resuming from {resume_from}" if resume_from else ""))
-        shown = {k: v for k, v in stats.items() if v}
+        shown = {k: v for k, v in stats.items() if v and not k.startswith("train_padding")}
         console.print("data: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+        if stats.get("train_padding") is not None:
+            console.print(_packing_line(stats))
         if stats.get("train_truncated"):
             console.print(f"[yellow]{stats['train_truncated']} training examples were truncated to data.max_length[/]")
 
@@ -51,8 +54,17 @@ class MetricsLog:
         self._sum += float(loss)  # a NaN here stays NaN in the step's mean, which the trainer checks
         self._count += 1
 
-    def step(self, step: int, lr: float, grad_norm: Optional[float], tokens: int, epoch: int) -> None:
-        loss = self._sum / max(self._count, 1)
+    def pending_loss(self) -> float:
+        """Mean loss of the micro-batches of the step in progress (this process's)."""
+        return self._sum / max(self._count, 1)
+
+    def warn(self, message: str) -> None:
+        if self.main:
+            (self.bar.console if self.bar else console).print(f"[yellow]{message}[/]")
+
+    def step(self, step: int, lr: float, grad_norm: Optional[float], tokens: int, epoch: int,
+             skipped: bool = False) -> None:
+        loss = self.pending_loss()
         self.last_loss = loss
         self._sum, self._count = 0.0, 0
         if not self.main:
@@ -62,9 +74,11 @@ class MetricsLog:
         self._mark = (now, tokens)
         if self.bar:
             self.bar.update(self.task, completed=step, info=f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s")
-        if step % self.every == 0 or step == self.total_steps or step == 1:
+        if step % self.every == 0 or step == self.total_steps or step == 1 or skipped:
             record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                       "tokens": tokens, "tokens_per_s": tokens_per_s}
+            if skipped:
+                record["skipped"] = True
             self._write(record)
 
     def eval(self, step: int, results: dict) -> None:
@@ -90,6 +104,18 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
         if self.accelerator.trackers:
             self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+
+def _packing_line(stats: dict) -> str:
+    """Examples -> rows and the padding share of batch positions, before and after packing."""
+    if stats.get("train_packed_rows") is None:
+        why = ""
+        if stats.get("train_padding_if_packed") is not None:
+            why = f" (packed rows would pad {100 * stats['train_padding_if_packed']:.1f}% of batch positions)"
+        return f"packing: off{why}, {stats['train_examples']} examples, {100 * stats['train_padding']:.1f}% padding"
+    examples, rows = stats["train_examples"], stats["train_packed_rows"]
+    return (f"packing: {examples} examples -> {rows} rows ({examples / rows:.2f} per row), padding "
+            f"{100 * stats['train_padding_unpacked']:.1f}% -> {100 * stats['train_padding']:.1f}% of batch positions")
 
 
 def _progress_bar() -> Progress:

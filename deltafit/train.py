@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from deltafit import checkpoint, deltas
-from deltafit.data import make_collator, prepare_data
-from deltafit.errors import UserError
+from deltafit.data import batch_tokens, make_collator, prepare_data, resolve_packing, use_packed_attention
+from deltafit.errors import Interrupted, UserError
 from deltafit.evaluate import evaluate_loop
 from deltafit.metrics import MetricsLog
 from deltafit.model import build_model, load_tokenizer
@@ -33,8 +33,11 @@ class Progress:
 
     step: int = 0
     epoch: int = 0
-    batches_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    # Micro-batches of the current epoch already consumed, by all processes together, so a run
+    # resumed with another number of processes skips the right amount of data.
+    batches_in_epoch: int = 0
     tokens: int = 0
+    skipped_steps: int = 0
 
 
 def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None) -> Path:
@@ -48,17 +51,29 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None)
     # 1. Accelerate: precision, accumulation and (when launched so) several processes.
     _forget_single_process_state()
     accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
-                              log_with=recipe.log.trackers or None, project_dir=str(output_dir))
+                              # Without a GPU, Accelerate only goes multi-process (gloo) when told cpu=True.
+                              cpu=not torch.accelerator.is_available(),
+                              log_with=recipe.log.trackers or None, project_dir=str(output_dir),
+                              # total_steps counts optimizer steps whatever the number of processes:
+                              # one scheduler step per optimizer step (Accelerate would take one per process).
+                              step_scheduler_with_optimizer=False)
     resume_from = _resume_checkpoint(output_dir, resume)
+    if _sharded(accelerator) and (resume_from or t.save_every):
+        raise UserError("train.save_every / --resume: step checkpoints with optimizer state are not supported under "
+                        "FSDP or DeepSpeed yet (the final delta is gathered and saved); use DDP, or set train.save_every: null")
     if accelerator.is_main_process:
         _check_writable(output_dir)
     set_seed(t.seed)
     # 2. Data first: classification labels decide the size of the model's head.
     tokenizer = load_tokenizer(recipe.model)
-    data = prepare_data(recipe.data, tokenizer, recipe.model.task, t.seed, label_names=_saved_labels(resume_from))
+    # Causal-LM rows are packed when it saves compute, unless the recipe or the method says otherwise.
+    packing = resolve_packing(recipe.data, recipe.model.task, deltas.get(recipe.delta.method))
+    data = prepare_data(recipe.data.model_copy(update={"packing": packing}), tokenizer, recipe.model.task, t.seed,
+                        label_names=_saved_labels(resume_from), batch_size=t.batch_size)
     if not data.train:
         dropped = data.stats.get("train_dropped")
-        why = f" ({dropped} dropped: nothing left to learn after truncation, raise data.max_length)" if dropped else ""
+        why = (f" ({dropped} dropped: nothing left to learn after truncation to data.max_length="
+               f"{recipe.data.max_length} tokens; raise data.max_length)") if dropped else ""
         raise UserError(f"data.train: '{recipe.data.train}' gave no training examples{why}")
     # 3. Base model + delta; everything but the delta (and a fresh task head) is frozen.
     model, tokenizer, head = build_model(recipe.model, label_names=data.label_names, tokenizer=tokenizer)
@@ -68,13 +83,20 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None)
     delta = deltas.build(recipe.delta)
     delta.tokenizer = tokenizer
     delta.attach(model, head=head)
+    if data.packed:
+        use_packed_attention(model)
+    if accelerator.is_main_process:
+        _check_space(output_dir, delta, t)
     # 4. Optimizer, schedule and loaders, then hand them all to Accelerate.
     collate = make_collator(tokenizer.pad_token_id, recipe.model.task)
-    steps_per_epoch = math.ceil(math.ceil(len(data.train) / t.batch_size) / t.grad_accum)
+    batches_per_process = math.ceil(math.ceil(len(data.train) / t.batch_size) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_process / t.grad_accum)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     optimizer = build_optimizer(delta, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
-    eval_loader = DataLoader(data.eval, batch_size=t.batch_size, collate_fn=collate) if data.eval else None
+    eval_loader = None
+    if data.eval:  # its own generator: creating an iterator must not draw from the global RNG (exact resume)
+        eval_loader = DataLoader(data.eval, batch_size=t.batch_size, collate_fn=collate, generator=torch.Generator())
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
@@ -90,7 +112,7 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None)
     finally:
         log.close()
     # 6. Final delta-only checkpoint, written once, by the main process.
-    final = _save(recipe, delta, accelerator, data.label_names, progress, output_dir / "final", with_state=False)
+    final = _save(recipe, model, delta, accelerator, data.label_names, progress, output_dir / "final", with_state=False)
     log.done(final)
     return final
 
@@ -98,55 +120,66 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None)
 def _loop(recipe, accelerator, model, delta, optimizer, scheduler, train_rows, collate, eval_loader,
           progress, total_steps, log, output_dir, label_names):
     t = recipe.train
+    save = lambda: _save_step(recipe, model, delta, accelerator, label_names, progress, output_dir, optimizer, scheduler)
     model.train()
-    while progress.step < total_steps:
-        loader = _epoch_loader(train_rows, collate, t, progress, accelerator)
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss = _forward(model, delta, batch)
-                accelerator.backward(loss)
-                grad_norm = _clip(accelerator, delta, t.max_grad_norm)
-                if accelerator.sync_gradients:
-                    delta.before_optimizer_step(progress.step + 1)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            progress.batches_in_epoch += 1
-            progress.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
-            log.micro_batch(loss.detach())
-            if not accelerator.sync_gradients:
-                continue
-            # One optimizer step has completed.
-            progress.step += 1
-            _check_finite(log, progress.step)
-            delta.on_step_end(progress.step, total_steps)
-            log.step(progress.step, scheduler.get_last_lr()[0], grad_norm, progress.tokens, progress.epoch)
-            _maybe_eval(recipe, accelerator, model, delta, eval_loader, progress, total_steps, log)
-            if t.save_every and progress.step % t.save_every == 0 and progress.step < total_steps:
-                _save(recipe, delta, accelerator, label_names, progress, checkpoint.step_dir(output_dir, progress.step),
-                      with_state=True, optimizer=optimizer, scheduler=scheduler)
-                if accelerator.is_main_process:
-                    checkpoint.prune(output_dir, t.keep_last)
-            if progress.step >= total_steps:
-                return
-        progress.epoch += 1
-        progress.batches_in_epoch = 0
+    with GracefulStop() as stop:
+        while progress.step < total_steps:
+            loader = _epoch_loader(train_rows, collate, t, progress, accelerator)
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    loss = _forward(model, delta, batch)
+                    accelerator.backward(loss)
+                    log.micro_batch(loss.detach())
+                    progress.batches_in_epoch += accelerator.num_processes
+                    progress.tokens += batch_tokens(batch) * accelerator.num_processes
+                    if not accelerator.sync_gradients:
+                        continue
+                    # The last micro-batch of an optimizer step: gradients are complete.
+                    grad_norm = _clip(accelerator, delta, t.max_grad_norm)
+                    bad, stop_requested = _agree(accelerator, _nonfinite(log.pending_loss(), grad_norm, t), stop.requested)
+                    if bad:
+                        _on_nonfinite(t, progress, log, grad_norm, output_dir)
+                    else:
+                        delta.before_optimizer_step(progress.step + 1)
+                        optimizer.step()
+                    scheduler.step()  # also on a skipped step, so the lr stays a function of the step
+                    optimizer.zero_grad(set_to_none=True)
+                progress.step += 1
+                delta.on_step_end(progress.step, total_steps)
+                log.step(progress.step, scheduler.get_last_lr()[0], grad_norm, progress.tokens, progress.epoch,
+                         skipped=bool(bad))
+                _maybe_eval(recipe, accelerator, model, delta, eval_loader, progress, total_steps, log)
+                if progress.step >= total_steps:
+                    return
+                if t.save_every and progress.step % t.save_every == 0:
+                    save()
+                if stop_requested:
+                    raise _interrupted(save, progress, output_dir, stop.signum)
+            progress.epoch += 1
+            progress.batches_in_epoch = 0
 
 
 def _forward(model, delta, batch) -> torch.Tensor:
-    outputs = model(**delta.prepare_inputs(dict(batch)))
+    from deltafit.loss import causal_lm_loss, keep_large_tensors_out_of_the_heap  # imported here: edit kept in _forward
+
+    keep_large_tensors_out_of_the_heap()  # once per process (cached): freed activations go back to the OS
+    # Causal LMs: chunked loss, never the full fp32 logits (same value; other models: their own loss).
+    loss = causal_lm_loss(model, delta.prepare_inputs(dict(batch)))
     extra = delta.extra_loss()
-    return outputs.loss if extra is None else outputs.loss + extra
+    return loss if extra is None else loss + extra
 
 
 def _epoch_loader(rows, collate, t, progress, accelerator):
     """This epoch's batches in a seeded order, skipping those a resumed run already consumed."""
     generator = torch.Generator().manual_seed(t.seed + progress.epoch)
     order = torch.randperm(len(rows), generator=generator).tolist()
-    loader = DataLoader([rows[i] for i in order], batch_size=t.batch_size, collate_fn=collate, shuffle=False)
+    # A DataLoader without a generator draws a seed from the global RNG each time an iterator starts,
+    # which a resumed run would do at a different point than the original: dropout would then differ.
+    loader = DataLoader([rows[i] for i in order], batch_size=t.batch_size, collate_fn=collate, shuffle=False,
+                        generator=generator)
     loader = accelerator.prepare(loader)
     if progress.batches_in_epoch:
-        loader = accelerator.skip_first_batches(loader, progress.batches_in_epoch)
+        loader = accelerator.skip_first_batches(loader, progress.batches_in_epoch // accelerator.num_processes)
     return loader
 
 
@@ -160,10 +193,70 @@ def _clip(accelerator, delta, max_norm) -> Optional[float]:
     return float(accelerator.clip_grad_norm_(params, max_norm))
 
 
-def _check_finite(log, step: int) -> None:
-    if not math.isfinite(log.last_loss):
-        raise UserError(f"training diverged: the loss at step {step} is {log.last_loss} "
-                        f"(lower train.lr, set train.max_grad_norm, or use mixed_precision=bf16 instead of fp16)")
+def _nonfinite(loss: float, grad_norm: Optional[float], t) -> bool:
+    """A NaN/inf loss, or gradient norm. Under fp16 the grad scaler skips inf gradients itself (that
+    is how it calibrates its scale), so there only the loss counts."""
+    grads_count = t.mixed_precision != "fp16" and grad_norm is not None
+    return not math.isfinite(loss) or (grads_count and not math.isfinite(grad_norm))
+
+
+def _agree(accelerator, bad: bool, stop_requested: bool) -> tuple[bool, bool]:
+    """Every process must take the same decision, or a collective would hang: any one decides."""
+    if accelerator.num_processes == 1:
+        return bad, stop_requested
+    flags = accelerator.reduce(torch.tensor([float(bad), float(stop_requested)], device=accelerator.device), "max")
+    return bool(flags[0]), bool(flags[1])
+
+
+def _on_nonfinite(t, progress, log, grad_norm, output_dir) -> None:
+    step = progress.step + 1
+    what = f"loss {log.pending_loss()}, gradient norm {grad_norm}"
+    if t.on_nonfinite == "skip":
+        progress.skipped_steps += 1
+        log.warn(f"step {step} skipped: non-finite {what} (train.on_nonfinite=skip; {progress.skipped_steps} skipped so far)")
+        return
+    last = checkpoint.latest_step_checkpoint(Path(output_dir) / "checkpoints")
+    kept = f"the last good checkpoint {last} is intact" if last else "no step checkpoint was written (train.save_every)"
+    raise UserError(f"training stopped at step {step}: non-finite {what}; {kept}. Lower train.lr, set "
+                    f"train.max_grad_norm, prefer mixed_precision=bf16 over fp16, or set train.on_nonfinite=skip")
+
+
+class GracefulStop:
+    """SIGINT/SIGTERM ask the loop to finish the current step, checkpoint and exit; a second
+    SIGINT quits at once (without a new checkpoint: the last complete one still stands)."""
+
+    def __init__(self):
+        self.requested, self.signum, self._previous = False, 0, {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == 2:
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, signum
+        from deltafit.metrics import console
+
+        console.print("[yellow]stopping after this step and saving a checkpoint (Ctrl-C again quits without saving)[/]")
+
+
+def _interrupted(save, progress, output_dir, signum: int) -> Interrupted:
+    directory = save()
+    return Interrupted(f"interrupted at step {progress.step}: saved {directory}. Resume with: "
+                       f"deltafit train RECIPE --output {output_dir} --resume", signum)
 
 
 def _maybe_eval(recipe, accelerator, model, delta, eval_loader, progress, total_steps, log) -> None:
@@ -201,18 +294,51 @@ def build_scheduler(optimizer, t, total_steps: int):
 # Checkpoints and resume
 
 
-def _save(recipe, delta, accelerator, label_names, progress, directory, with_state, optimizer=None, scheduler=None):
+def _save_step(recipe, model, delta, accelerator, label_names, progress, output_dir, optimizer, scheduler) -> Path:
+    directory = _save(recipe, model, delta, accelerator, label_names, progress, checkpoint.step_dir(output_dir, progress.step),
+                      with_state=True, optimizer=optimizer, scheduler=scheduler)
+    if accelerator.is_main_process:
+        checkpoint.prune(output_dir, recipe.train.keep_last)
+    return directory
+
+
+def _save(recipe, model, delta, accelerator, label_names, progress, directory, with_state, optimizer=None, scheduler=None):
+    tensors = _delta_tensors(accelerator, model, delta, final=not with_state)  # every process takes part
     accelerator.wait_for_everyone()
+    failure = None
     if accelerator.is_main_process:
         meta = checkpoint.metadata(recipe, delta, label_names, progress.step, progress.epoch)
         state = None
-        if with_state:
+        if with_state and not _sharded(accelerator):
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "progress": progress.__dict__, "method": delta.schedule_state()}
-        tensors = delta.state_dict() if with_state else delta.final_state_dict()
-        checkpoint.save(directory, meta, tensors, recipe.to_dict(), state)
-    accelerator.wait_for_everyone()
+        try:
+            checkpoint.save(directory, meta, tensors, recipe.to_dict(), state)
+        except UserError as e:
+            failure = e
+    # If the main process failed (disk full), every process must stop, not wait for it forever.
+    if _agree(accelerator, failure is not None, False)[0]:
+        raise failure or UserError(f"the main process could not write checkpoint '{directory}'")
     return directory
+
+
+def _sharded(accelerator) -> bool:
+    """FSDP and DeepSpeed split parameters (and optimizer state) across processes."""
+    return accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
+
+
+def _delta_tensors(accelerator, model, delta, final: bool) -> dict:
+    """The delta's full tensors. Under FSDP/DeepSpeed each process holds only a shard of every
+    parameter, so they are gathered first (a collective: all processes call this)."""
+    own = delta.final_state_dict() if final else delta.state_dict()
+    if not _sharded(accelerator):
+        return own
+    from deltafit.deltas.base import HEAD_PREFIX
+
+    full = accelerator.get_state_dict(model)  # the prepared (wrapped) model
+    model_key = lambda k: k[len(HEAD_PREFIX):] if k.startswith(HEAD_PREFIX) else k
+    # Buffers the model does not list (regenerated projections) are the same on every process.
+    return {k: full.get(model_key(k), v) for k, v in own.items()} if accelerator.is_main_process else {}
 
 
 def _resume_checkpoint(output_dir: Path, resume: Optional[str]) -> Optional[Path]:
@@ -271,6 +397,20 @@ def _check_trackers(trackers) -> None:
         if not any(find_spec(module) for module in TRACKER_PACKAGES[name]):
             raise UserError(f"recipe key 'log.trackers': '{name}' needs the {TRACKER_PACKAGES[name][0]} package "
                             f"(pip install {TRACKER_PACKAGES[name][0]}), or remove it from log.trackers")
+
+
+def _check_space(output_dir: Path, delta, t) -> None:
+    """Refuse to start a run whose checkpoints cannot fit: better now than after hours of training.
+    Counts the final checkpoint plus keep_last step checkpoints (+1 being written), with 10% slack."""
+    import shutil
+
+    tensors = delta.state_dict()
+    steps = (t.keep_last + 1) if t.save_every else 0
+    needed = int(1.1 * (checkpoint.estimated_bytes(tensors, False) + steps * checkpoint.estimated_bytes(tensors, True)))
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise UserError(f"--output '{output_dir}': {free / 2**20:.0f} MiB free, the checkpoints need about "
+                        f"{needed / 2**20:.0f} MiB (lower train.keep_last, or choose another --output)")
 
 
 def _check_writable(output_dir: Path) -> None:
