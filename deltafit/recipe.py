@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from deltafit.errors import UserError, did_you_mean
 
@@ -71,7 +71,20 @@ class DataSpec(Section):
     instruction_column: str = Field("instruction", description="Alpaca instruction column.")
     input_column: str = Field("input", description="Alpaca input column (may be empty).")
     output_column: str = Field("output", description="Alpaca output column.")
-    max_length: int = Field(512, ge=8, description="Examples are truncated to this many tokens; the count of truncated ones is reported.")
+    max_length: int = Field(
+        512, ge=8, description="Examples are truncated to this many tokens (the count of truncated ones is reported); "
+        "packed rows hold at most this many."
+    )
+    packing: Optional[bool] = Field(
+        None, description="Pack several causal-LM training examples into each row of up to max_length tokens, each "
+        "attending only to itself (positions restart per example). Default (null): on for causal-LM data when it "
+        "saves at least 10% of batch positions and the delta method supports it; off for classification (true is "
+        "refused there). Evaluation data is never packed."
+    )
+    cache: bool = Field(
+        True, description="Reuse the tokenized data from <DELTAFIT_CACHE or ~/.cache/deltafit>/data, keyed on the data "
+        "files' bytes, the tokenizer and its chat template and every data option; false re-tokenizes every run."
+    )
     train_on_inputs: bool = Field(
         False, description="Also train on prompt tokens (instruction, user turns). By default only responses count in the loss."
     )
@@ -97,6 +110,9 @@ class TrainSpec(Section):
     keep_last: int = Field(2, ge=1, description="Step checkpoints kept on disk.")
     log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="A NaN/inf loss or gradient: 'stop' the run with a message naming the step (the last "
+        "checkpoint stays intact), or 'skip' that optimizer step and go on (each skip is logged).")
 
 
 class LogSpec(Section):
@@ -123,6 +139,14 @@ class Recipe(Section):
     train: TrainSpec = Field(default_factory=TrainSpec)
     log: LogSpec = Field(default_factory=LogSpec)
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: Optional[str]) -> Optional[str]:
+        # The name becomes a path component (runs/<name>, tracker log dirs): it must not climb out.
+        if name is not None and (not name.strip() or any(c in name for c in "/\\") or name in (".", "..")):
+            raise ValueError("must be a plain run name without '/' or '\\' (use output_dir to choose a directory)")
+        return name
+
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir or f"runs/{self.name or 'run'}")
 
@@ -139,22 +163,61 @@ class Recipe(Section):
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read a YAML recipe, apply `a.b=value` overrides and validate everything."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"recipe file '{path}' does not exist (expected a .yaml file)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        raise UserError(f"recipe '{path}' is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"recipe '{path}' is not UTF-8 text") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"recipe '{path}' must be a mapping with sections model, data, delta, train, log")
+    raw = read_recipe_file(path)
     raw.setdefault("name", path.stem)
     for item in overrides:
         apply_override(raw, item)
     return recipe_from_dict(raw, source=str(path))
+
+
+def read_recipe_file(path: Path) -> dict:
+    """A recipe file's mapping, read as plain YAML data: tags naming Python objects are refused
+    (SafeLoader never imports or calls anything) and so is a key given twice."""
+    if not path.is_file():
+        raise UserError(f"recipe file '{path}' does not exist (expected a .yaml file)")
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe '{path}' is not valid YAML{_yaml_problem(e)}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"recipe '{path}' is not UTF-8 text (invalid byte at offset {e.start})") from None
+    if raw is None:
+        raise UserError(f"recipe '{path}' is empty (expected a mapping with sections model, data, delta, train, log)")
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe '{path}' must be a mapping with sections model, data, delta, train, log "
+                        f"(got a {type(raw).__name__})")
+    return raw
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader (plain data only) that also refuses duplicate keys, which YAML forbids but
+    PyYAML silently resolves to the last value: `lr` set twice would train with the second."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key == "<<" or not isinstance(key, (str, int, float, bool)):
+                continue  # merge keys and complex keys: left to SafeLoader
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice (first at line {first_line[key]}); keep one",
+                    key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """' at line L, column C: what is wrong (and where the unclosed construct started)', one line."""
+    mark = getattr(error, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = str(getattr(error, "problem", None) or error)
+    context, start = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and start and (mark is None or start.line != mark.line):
+        problem += f" ({context} that starts at line {start.line + 1})"
+    if "tag:yaml.org,2002:python/" in problem:
+        problem += "; Python tags are refused, recipes are plain YAML data"
+    return f"{at}: " + " ".join(problem.split())
 
 
 def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
@@ -168,14 +231,31 @@ def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
     except ValidationError as e:
         raise UserError(f"{source}: {_explain(e, Recipe)}") from None
     recipe.delta = validate_delta(delta_raw, source)
+    _check_task_and_format(recipe, source)
     return recipe
 
 
+def _check_task_and_format(recipe: Recipe, source: str) -> None:
+    """model.task and data.format must agree; checked here so `validate` catches it too."""
+    from deltafit.data import _check_task
+
+    try:
+        _check_task(recipe.data, recipe.model.task)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+
+
 def validate_delta(delta_raw: dict, source: str = "recipe"):
-    from deltafit.deltas import config_class
+    from deltafit.deltas import METHODS, config_class
 
     method = delta_raw.get("method", "lora")
-    config_cls = config_class(method)  # raises UserError with did-you-mean
+    if not isinstance(method, str):
+        raise UserError(f"{source}: recipe key 'delta.method' must be one method name (got {method!r}); "
+                        f"valid: {', '.join(METHODS)}")
+    try:
+        config_cls = config_class(method)
+    except UserError as e:  # unknown method, with did-you-mean
+        raise UserError(f"{source}: {e}") from None
     try:
         return config_cls.model_validate(delta_raw)
     except ValidationError as e:
@@ -206,7 +286,7 @@ def apply_override(raw: dict, item: str) -> None:
 def _explain(error: ValidationError, root: type[BaseModel], prefix: str = "") -> str:
     """One line naming the first bad key, what was given and what would be valid."""
     err = error.errors()[0]
-    loc = [str(p) for p in err["loc"]]
+    loc = _key_path(err["loc"])
     key = ".".join(([prefix] if prefix else []) + loc)
     if err["type"] == "extra_forbidden":
         fields = _fields_at(root, loc[:-1])
@@ -215,7 +295,20 @@ def _explain(error: ValidationError, root: type[BaseModel], prefix: str = "") ->
         return f"recipe key '{key}' is required ({_description(root, loc)})"
     given = err.get("input")
     shown = f" (got {given!r})" if not isinstance(given, dict) else ""
-    return f"recipe key '{key}': {err['msg']}{shown}"
+    if err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        return f"recipe key '{key}' must be a mapping of keys{shown}; valid keys here: {', '.join(_fields_at(root, loc))}"
+    # A union (e.g. a name or a list of names) fails once per member: say what each would accept.
+    others = [e["msg"] for e in error.errors()[1:] if _key_path(e["loc"]) == loc and e["msg"] != err["msg"]]
+    return f"recipe key '{key}': {err['msg']}" + "".join(f", or {m[0].lower()}{m[1:]}" for m in others) + shown
+
+
+def _key_path(loc) -> list[str]:
+    """An error location as recipe keys: pydantic adds the tag of each union member ('str',
+    'list[str]') after the field name, which is no key the user wrote."""
+    return [str(p) for p in loc if isinstance(p, int) or not (p in _UNION_TAGS or "[" in p)]
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
@@ -232,6 +325,10 @@ def _description(model: type[BaseModel], loc: list[str]) -> str:
     for part in loc[:-1]:
         model = model.model_fields[part].annotation
     field = model.model_fields.get(loc[-1]) if isinstance(model, type) else None
+    section = getattr(field, "annotation", None)
+    if isinstance(section, type) and issubclass(section, BaseModel):  # a whole section is missing
+        required = [name for name, f in section.model_fields.items() if f.is_required()]
+        return f"a section with at least: {', '.join(required)}"
     return (field.description or "no default") if field else "no default"
 
 
