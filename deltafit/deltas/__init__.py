@@ -18,6 +18,14 @@ METHODS = {
     "adapter": "adapter",
     "prefix": "prefix",
     "prompt": "prompt",
+    "lamda": "lamda",
+    "lamda-pp": "lamda_pp",
+    "vera": "vera",
+    "lora-fa": "lora_fa",
+    "said": "said",
+    "adalora": "adalora",
+    "aflora": "aflora",
+    "qlora": "qlora",
 }
 
 

@@ -42,3 +42,154 @@ def fold_into(linear: nn.Linear, delta: torch.Tensor) -> None:
     """W <- W + delta, computed in fp32 and stored back in the weight's own dtype."""
     weight = linear.weight
     weight.copy_((weight.float() + delta.to(weight.device, torch.float32)).to(weight.dtype))
+
+
+def seeded_kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """U(-b, b) with b = sqrt(6 / fan_in) (Kaiming, ReLU gain) drawn from `generator` on the CPU.
+
+    Frozen random projections that are regenerated instead of stored (VeRA's shared A and B) need
+    a private seeded generator; this is PEFT's `_kaiming_init`, so the same seed gives PEFT's values.
+    """
+    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
+    return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+
+
+# -- training-time schedules shared by AdaLoRA and AFLoRA ---------------------------------------
+
+
+def cubic_schedule(step: int, start: int, end: int, initial: int, final: int) -> int:
+    """`initial` until `start`, then down to `final` along (1 - progress)^3, `final` from `end` on.
+
+    The cubic schedule of AdaLoRA's rank budget (written exactly as PEFT's `budget_schedule`, so the
+    integers agree) and of AFLoRA's count of still-trainable projections: it moves fast early,
+    while the scores are coarse, and settles slowly.
+    """
+    if step <= start:
+        return initial
+    if step >= end:
+        return final
+    remaining = 1 - (step - start) / (end - start)
+    return int((initial - final) * (remaining**3) + final)
+
+
+class ImportanceEMA:
+    """Per-element importance smoothed over steps: sensitivity Ibar and uncertainty Ubar.
+
+    Ibar <- b1 Ibar + (1-b1) I;  Ubar <- b2 Ubar + (1-b2) |I - Ibar|;  score = Ibar * Ubar
+    (AdaLoRA eq. 6-8; AFLoRA reuses it on windowed gradient magnitudes). Keyed by parameter name.
+    """
+
+    def __init__(self, beta1: float, beta2: float):
+        self.beta1, self.beta2 = beta1, beta2
+        self.ibar: dict[str, torch.Tensor] = {}
+        self.ubar: dict[str, torch.Tensor] = {}
+
+    def update(self, name: str, importance: torch.Tensor) -> None:
+        ibar = self.ibar.get(name, torch.zeros_like(importance))
+        ubar = self.ubar.get(name, torch.zeros_like(importance))
+        ibar = self.beta1 * ibar + (1 - self.beta1) * importance
+        self.ubar[name] = self.beta2 * ubar + (1 - self.beta2) * (importance - ibar).abs()
+        self.ibar[name] = ibar
+
+    def score(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """Ibar * Ubar (zeros for a tensor never updated)."""
+        if name not in self.ibar:
+            return torch.zeros_like(like, dtype=torch.float32)
+        return self.ibar[name] * self.ubar[name]
+
+    def reset(self) -> None:
+        self.ibar.clear()
+        self.ubar.clear()
+
+    def state(self) -> dict:
+        return {"ibar": dict(self.ibar), "ubar": dict(self.ubar)}
+
+    def load(self, state: dict, device=None) -> None:
+        self.ibar = {k: v.to(device) for k, v in state.get("ibar", {}).items()}
+        self.ubar = {k: v.to(device) for k, v in state.get("ubar", {}).items()}
+
+
+def orthogonality_penalty(matrix: torch.Tensor) -> torch.Tensor:
+    """||M M^T - I||_F for M with orthonormal rows wanted (AdaLoRA's regularizer; pass B^T for B)."""
+    gram = matrix @ matrix.T
+    return torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype))
+
+
+# -- spectral pieces shared by LaMDA and LaMDA++ -------------------------------------------------
+
+
+def principal_subspace(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U_r, Vh_r): the top-r left (out x r) and right (r x in) singular vectors of W (out x in).
+
+    Computed in float64 with a canonical sign (the largest-magnitude entry of each right singular
+    vector is positive; an SVD only fixes each pair up to a joint flip), so the same weight always
+    gives the same factors: LaMDA rebuilds its frozen projection from W0 when a checkpoint is loaded.
+    """
+    w = weight.detach().to(torch.float64)
+    if w.device.type not in ("cpu", "cuda"):  # no float64 SVD on e.g. MPS
+        w = w.cpu()
+    u, _, vh = torch.linalg.svd(w, full_matrices=False)
+    u, vh = u[:, :r], vh[:r]
+    sign = torch.sign(vh.gather(1, vh.abs().argmax(dim=1, keepdim=True)))
+    sign[sign == 0] = 1
+    return (u * sign.T).to(weight.device), (vh * sign).to(weight.device)
+
+
+def singular_values(weight: torch.Tensor) -> torch.Tensor:
+    """All singular values of W, largest first, in float64 (cheaper than a full SVD)."""
+    w = weight.detach().to(torch.float64)
+    return torch.linalg.svdvals(w if w.device.type in ("cpu", "cuda") else w.cpu())
+
+
+class SpectralUpdate(nn.Module):
+    """LaMDA's path x -> scale * B S A x (Azizi et al. 2024), with W0 = U diag(s) Vh:
+
+    - A = Vh[:r] (r x in), a buffer: frozen for the whole run, rebuilt from W0 at attach (see
+      `principal_subspace`), so it is never saved and never reaches the optimizer;
+    - S (r x r) trainable, zero at init so the adapted model starts exactly at the base;
+    - B = U[:, :r] (out x r), one (out x 1) parameter per column so columns can be frozen one at a
+      time for real (`freeze`): a column with requires_grad=False gets no .grad, and AdamW neither
+      moves it by momentum nor decays it.
+
+    Nothing wider than r is kept for backward: A is frozen, so x is not saved (only its r-dim
+    projection, for S's gradient, and S's r-dim output, for B's). Dropout acts on the r-dim code
+    A x for the same reason. Parameters are fp32 whatever the base dtype.
+    """
+
+    def __init__(self, weight: torch.Tensor, r: int, scale: float, dropout: float):
+        super().__init__()
+        out_features, in_features = weight.shape
+        self.scale, self.rank, self.frozen = scale, r, 0
+        a = torch.zeros(r, in_features, device=weight.device, dtype=torch.float32)
+        b = torch.zeros(out_features, r, device=weight.device, dtype=torch.float32)
+        if weight.device.type != "meta":  # planning on a weightless model: shapes only
+            u, vh = principal_subspace(weight, r)
+            a, b = vh.float(), u.float()
+        self.register_buffer("A", a, persistent=False)
+        self.S = nn.Parameter(torch.zeros(r, r, device=weight.device, dtype=torch.float32))
+        self.B = nn.ParameterList([nn.Parameter(b[:, j:j + 1].clone()) for j in range(r)])
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        code = self.dropout(x.to(self.A.dtype) @ self.A.t())
+        return (code @ self.S.t()) @ self.b_matrix().t() * self.scale
+
+    def b_matrix(self) -> torch.Tensor:
+        return torch.cat(list(self.B), dim=1)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update scale * B S A, shaped like the host weight (out x in)."""
+        return self.b_matrix() @ self.S @ self.A * self.scale
+
+    def freeze(self, count: int) -> None:
+        """Freeze B's first `count` columns (largest singular value first); frozen ones stay frozen."""
+        self.frozen = min(self.rank, max(self.frozen, count))
+        for j, column in enumerate(self.B):
+            column.requires_grad_(j >= self.frozen)
+
+
+def columns_frozen(step: int, total_steps: int, rank: int, freeze_by: float) -> int:
+    """How many of B's `rank` columns are frozen after `step` optimizer steps: rising linearly to all
+    of them at step t_i = ceil(freeze_by * total_steps); all from the start when freeze_by is 0."""
+    until = math.ceil(freeze_by * total_steps)
+    return rank if until <= 0 else min(rank, rank * step // until)

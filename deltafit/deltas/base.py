@@ -57,6 +57,14 @@ class Delta:
     # detach() also undoes training. False only where the delta *is* the base weights and keeping a
     # pristine copy would double memory (full fine-tuning): detach then only restores grad flags.
     detach_restores_weights: ClassVar[bool] = True
+    # The delta stores the frozen base lossily (QLoRA keeps it 4-bit and frees the originals). The
+    # base it sits on is then the quantized one: "a fresh delta leaves the output unchanged" and
+    # "detach restores the base" hold relative to the model after attach + detach (the base's
+    # weights as stored, dequantized), not to the original weights.
+    lossy_base: ClassVar[bool] = False
+    # Trains on packed rows (several examples per row, positions restarting per example). False for
+    # methods that add inputs in front of each sequence (prompt, prefix): a row holds several.
+    supports_packing: ClassVar[bool] = True
     # The run's tokenizer, set by the trainer before attach, for methods that initialize from text.
     tokenizer: Any = None
 
@@ -203,6 +211,26 @@ class Delta:
     def describe_targets(self) -> list[str]:
         """Names of the modules that got a delta (for `deltafit validate`)."""
         return list(self.insertions.hosts)
+
+    # -- PEFT interoperability (`deltafit export --format peft`, eval/merge of PEFT adapters) ----
+    # PEFT's name for this method ("LORA", "PROMPT_TUNING"...); None where PEFT cannot express it.
+    # The generic part (common config fields, task head as modules_to_save, key prefixes, files)
+    # is in deltafit/export.py; a method maps only its own fields and tensors.
+    peft_type: ClassVar[Optional[str]] = None
+
+    @classmethod
+    def to_peft(cls, config: DeltaConfig, state: dict[str, torch.Tensor], model_config) -> tuple[dict, dict]:
+        """(this method's adapter_config fields, its tensors under PEFT's names) from a checkpoint's
+        config and tensors (task head excluded). Tuner keys are module paths without PEFT's
+        `base_model.model.` prefix. `model_config()` returns the base's transformers config."""
+        raise UserError(f"method '{cls.name}' cannot be expressed in PEFT's format; use the deltafit checkpoint "
+                        f"(deltafit eval/merge accept it directly)")
+
+    @classmethod
+    def from_peft(cls, fields: dict, tensors: dict[str, torch.Tensor], model_config) -> tuple[dict, dict]:
+        """(deltafit delta config dict, state dict) from a PEFT adapter's config and tensors (head
+        excluded, PEFT's key prefix removed). Refuse PEFT options the method cannot express."""
+        raise UserError(f"method '{cls.name}' cannot import PEFT adapters")
 
 
 def _under(name: str, prefixes: tuple[str, ...]) -> bool:

@@ -10,6 +10,12 @@ from torch import nn
 from deltafit.deltas._lowrank import LowRankUpdate, fold_into, lora_scale
 from deltafit.deltas._targets import find_targets
 from deltafit.deltas.base import Delta, TargetedConfig
+from deltafit.errors import UserError
+
+# PEFT LoraConfig options deltafit's LoRA cannot express, with the value that means "not used".
+PEFT_UNSUPPORTED = {"use_dora": False, "bias": "none", "lora_bias": False, "fan_in_fan_out": False, "rank_pattern": {},
+                    "alpha_pattern": {}, "layer_replication": None, "target_parameters": None,
+                    "trainable_token_indices": None, "use_qalora": False, "alora_invocation_tokens": None}
 
 
 class LoRAConfig(TargetedConfig):
@@ -41,4 +47,42 @@ class LoRA(Delta):
     def expected_trainable_params(self, model: nn.Module) -> int:
         targets = find_targets(model, self.config.target_modules, self.config.layers)
         return sum(self.config.r * (m.in_features + m.out_features) for m in targets.values())
+
+    # PEFT: `<module>.lora_A.weight` / `lora_B.weight`; alpha/r or (use_rslora) alpha/sqrt(r).
+    peft_type = "LORA"
+
+    @classmethod
+    def to_peft(cls, config, state, model_config):
+        tensors = {f"{host}.lora_{part}.weight": v for (host, part), v in _split_keys(state, ".lora.").items()}
+        hosts = sorted({host for host, _ in _split_keys(state, ".lora.")})
+        fields = {"r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+                  "use_rslora": config.rslora, "target_modules": hosts, "bias": "none", "fan_in_fan_out": False,
+                  "init_lora_weights": True, "use_dora": False}
+        return fields, tensors
+
+    @classmethod
+    def from_peft(cls, fields, tensors, model_config):
+        for option, neutral in PEFT_UNSUPPORTED.items():
+            if fields.get(option) not in (neutral, None):
+                raise UserError(f"PEFT LoRA option {option}={fields[option]!r} has no deltafit equivalent; "
+                                f"only plain LoRA/rsLoRA adapters on linear layers can be imported")
+        split = _split_keys({k.removesuffix(".weight"): v for k, v in tensors.items()}, ".lora_")
+        state = {f"{host}.lora.{part}": v for (host, part), v in split.items()}
+        config = {"method": "lora", "r": int(fields["r"]), "alpha": float(fields["lora_alpha"]),
+                  "dropout": float(fields.get("lora_dropout") or 0.0), "rslora": bool(fields.get("use_rslora")),
+                  "target_modules": sorted({host for host, _ in split})}
+        return config, state
+
+
+def _split_keys(state: dict, marker: str) -> dict:
+    """{(host module, 'A' | 'B'): tensor} from keys '<host><marker>A'; anything else is refused."""
+    split = {}
+    for key, value in state.items():
+        host, _, part = key.rpartition(marker)
+        if not host or part not in ("A", "B"):
+            raise UserError(f"tensor '{key}' is not a LoRA A/B matrix (embedding or bias LoRA cannot be imported)")
+        split[(host, part)] = value
+    return split
+
+
 DELTA = LoRA

@@ -69,6 +69,7 @@ class PrefixTuning(Delta):
     description = "Trainable key/value prefixes at every attention layer, through an MLP (Li & Liang) or direct."
     not_mergeable_because = "prefix keys/values are extra attention inputs, not a change of weights"
     zero_init_identity = False
+    supports_packing = False  # one prefix per row, and transformers' packed masks exclude a cache
     Config = PrefixConfig
 
     def _attach(self, model: nn.Module) -> None:

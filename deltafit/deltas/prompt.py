@@ -62,6 +62,7 @@ class PromptTuning(Delta):
     description = "Trainable embeddings prepended to the input (Lester et al.); weak on small models."
     not_mergeable_because = "the prompt is extra input tokens, not a change of weights"
     zero_init_identity = False
+    supports_packing = False  # the prompt would precede only the first example of a packed row
     Config = PromptConfig
 
     def _attach(self, model: nn.Module) -> None:
@@ -113,6 +114,29 @@ class PromptTuning(Delta):
 
     def expected_trainable_params(self, model: nn.Module) -> int:
         return self.config.num_virtual_tokens * model.get_input_embeddings().weight.shape[1]
+
+    # PEFT: one (p, d) tensor `prompt_embeddings`. PEFT lays rows out [prompt][tokens][padding]
+    # and numbers positions 0.., so rows without left padding compute the same in both.
+    peft_type = "PROMPT_TUNING"
+
+    @classmethod
+    def to_peft(cls, config, state, model_config):
+        weight = state[f"{CHILD}.weight"]
+        text = model_config().get_text_config()
+        fields = {"num_virtual_tokens": config.num_virtual_tokens, "token_dim": int(weight.shape[1]),
+                  "num_transformer_submodules": 1, "num_attention_heads": text.num_attention_heads,
+                  "num_layers": text.num_hidden_layers, "prompt_tuning_init": "RANDOM",
+                  "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "tokenizer_kwargs": None}
+        return fields, {"prompt_embeddings": weight}
+
+    @classmethod
+    def from_peft(cls, fields, tensors, model_config):
+        if (fields.get("num_transformer_submodules") or 1) != 1 or set(tensors) != {"prompt_embeddings"}:
+            raise UserError("only single-stack prompt tuning adapters (decoder-only or encoder-only models, one "
+                            "prompt_embeddings tensor) can be imported")
+        weight = tensors["prompt_embeddings"]
+        config = {"method": "prompt", "num_virtual_tokens": int(weight.shape[0]), "init": "random"}
+        return config, {f"{CHILD}.weight": weight}
 
 
 def _per_token(key: str, value: Any, size: int, length: int) -> bool:

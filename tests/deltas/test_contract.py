@@ -23,6 +23,10 @@ OPTIONS = {
     "adapter": {"bottleneck": 8},
     "prefix": {"num_virtual_tokens": 4, "hidden": 16},
     "prompt": {"num_virtual_tokens": 4, "init": "random"},
+    "lamda": {"r": 4}, "lamda-pp": {"r": 4},
+    "adalora": {"init_r": 4, "target_r": 2},
+    "aflora": {"r": 2},
+    "qlora": {"r": 4, "alpha": 8, "dropout": 0.0},
 }
 # (method, arch) pairs the method legitimately refuses with a UserError.
 REFUSES = {("bitfit", "llama")}  # Llama has no biases: BitFit would train nothing
@@ -50,6 +54,17 @@ def attached(archs, method: str, arch: str):
     expected = delta.expected_trainable_params(model)
     delta.attach(model, head=spec.head)
     return model, delta, expected, spec
+
+
+def stored_base(spec, method: str):
+    """The base a method's delta sits on: a fresh copy, or for `lossy_base` methods (QLoRA keeps
+    4-bit weights) the model after an untrained attach + detach, i.e. the base as the delta stores it."""
+    model = spec.fresh()
+    if deltas.get(method).lossy_base:
+        delta = build(method)
+        delta.attach(model, head=spec.head)
+        delta.detach()
+    return model
 
 
 def head_params(model, spec) -> dict:
@@ -136,7 +151,7 @@ def test_attaches_to_meta_device_model(archs, method, arch):
 def test_fresh_delta_output_vs_base(archs, method, arch):
     spec = archs[arch]
     batch = make_batch(arch)
-    base = forward(spec.pristine, None, batch)
+    base = forward(stored_base(spec, method), None, batch)
     model, delta, _, _ = attached(archs, method, arch)
     out = forward(model, delta, batch)
     if delta.zero_init_identity:
@@ -185,11 +200,14 @@ def test_save_load_round_trip(archs, method, arch, tmp_path):
 def test_state_dict_holds_only_delta_and_head(archs, method, arch):
     model, delta, expected, spec = attached(archs, method, arch)
     state, params = delta.state_dict(), delta.trainable_parameters()
-    assert set(state) == set(params)
-    assert all(torch.equal(state[k], params[k]) for k in state)
+    # Inserted tensors frozen from the start are stored too when they cannot be regenerated
+    # (LoRA-FA's random A); nothing else of the model is.
+    frozen = {n for n, p in delta.insertions.named_parameters(trainable_only=False) if not p.requires_grad}
+    assert set(state) == set(params) | frozen
+    assert all(torch.equal(state[k], params[k]) for k in params)
     held = {id(p) for p in delta.delta_parameters().values()}
     head_only = [p for p in head_params(model, spec).values() if id(p) not in held]
-    assert numel(state.values()) == expected + numel(head_only)  # the formula's tensors, plus the head
+    assert numel(params.values()) == expected + numel(head_only)  # the formula's tensors, plus the head
     with pytest.raises(UserError):
         delta.load_state_dict({k: v for k, v in list(state.items())[1:]})  # one tensor missing
 
@@ -198,7 +216,7 @@ def test_state_dict_holds_only_delta_and_head(archs, method, arch):
 def test_detach_without_training_restores_base_bit_for_bit(archs, method, arch):
     spec = archs[arch]
     model = spec.fresh()
-    original = snapshot(model)
+    original = snapshot(stored_base(spec, method))
     delta = build(method)
     delta.attach(model, head=spec.head)
     delta.detach()
@@ -210,7 +228,8 @@ def test_detach_without_training_restores_base_bit_for_bit(archs, method, arch):
 def test_detach_after_training(archs, method, arch):
     spec = archs[arch]
     model = spec.fresh()
-    original = snapshot(model)
+    reference = stored_base(spec, method)
+    original = snapshot(reference)
     batch = make_batch(arch)
     delta = build(method)
     delta.attach(model, head=spec.head)
@@ -222,7 +241,7 @@ def test_detach_after_training(archs, method, arch):
     if delta.detach_restores_weights:
         _assert_tensors_equal(model, original, only=body)
         if not spec.head:
-            assert torch.equal(forward(model, None, batch), forward(spec.pristine, None, batch))
+            assert torch.equal(forward(model, None, batch), forward(reference, None, batch))
     else:  # documented: the delta *is* the base weights (full FT), detach keeps them trained
         assert any(not torch.equal(model.state_dict()[n], original["tensors"][n]) for n in body)
 
