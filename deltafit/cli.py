@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from deltafit.errors import UserError
+from deltafit.errors import Interrupted, UserError
 
 app = typer.Typer(
     name="deltafit",
@@ -24,6 +24,8 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
+BASE_MODEL_HELP = ("Base model to load instead of the recorded one (a PEFT adapter's base_model_name_or_path, "
+                   "or a checkpoint's model.name), e.g. when it was trained against a local path.")
 SET_HELP = "Override a recipe key, e.g. --set train.lr=1e-4 --set delta.r=16 (repeatable; values are YAML)."
 
 
@@ -49,12 +51,14 @@ def eval_(
     base: bool = typer.Option(False, "--base", help="Score the untouched base model on the same data (before/after comparison)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Evaluation batch size (default: the recipe's)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write results JSON here (default: <checkpoint>/eval[-base].json)."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help=BASE_MODEL_HELP),
 ):
     """Score a checkpoint: loss and perplexity (causal LM), or accuracy, F1 and MCC (classification)."""
     from deltafit.evaluate import evaluate_checkpoint
     from deltafit.report import print_results
 
-    results, path = evaluate_checkpoint(str(checkpoint), data, split, base, batch_size, str(output) if output else None)
+    results, path = evaluate_checkpoint(str(checkpoint), data, split, base, batch_size, str(output) if output else None,
+                                        base_model)
     print_results(results, path)
 
 
@@ -63,6 +67,7 @@ def merge(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory of a mergeable method (LoRA, BitFit, full)."),
     output: Path = typer.Option(..., "--output", "-o", help="New directory for the merged transformers model."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Save the merged weights as float32, bfloat16 or float16 (default: the base's)."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help=BASE_MODEL_HELP),
 ):
     """Fold the delta into the base weights, check merged == unmerged logits, save a plain model."""
     from deltafit.merge import merge_checkpoint
@@ -70,7 +75,22 @@ def merge(
 
     if dtype not in (None, "float32", "bfloat16", "float16"):
         raise UserError(f"--dtype '{dtype}' is not one of float32, bfloat16, float16")
-    print_merge(merge_checkpoint(str(checkpoint), str(output), dtype))
+    print_merge(merge_checkpoint(str(checkpoint), str(output), dtype, base_model))
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory (or a run directory: its final checkpoint)."),
+    output: Path = typer.Option(..., "--output", "-o", help="New directory for the exported adapter."),
+    format_: str = typer.Option("peft", "--format", help="Adapter format: peft (adapter_config.json + adapter_model.safetensors)."),
+):
+    """Write a checkpoint as a PEFT adapter (LoRA, rsLoRA, prompt tuning), loadable with PeftModel.from_pretrained."""
+    from deltafit.export import export_checkpoint
+    from deltafit.report import console
+
+    result = export_checkpoint(str(checkpoint), str(output), format_)
+    console.print(f"exported [bold]{result['method']}[/] as a PEFT {result['peft_type']} adapter "
+                  f"({result['tensors']} tensors; modules_to_save: {result['modules_to_save']}) to {result['output']}")
 
 
 @app.command()
@@ -97,11 +117,15 @@ def methods():
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: runs the app, turning user errors into one line and exit code 2."""
     argv = _bare_resume(list(sys.argv[1:] if argv is None else argv))
+    _quiet_import_warnings()
     try:
         app(args=argv, prog_name="deltafit", standalone_mode=False)
     except UserError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         sys.exit(2)
+    except Interrupted as e:
+        typer.secho(str(e), fg="yellow", err=True)
+        sys.exit(e.exit_code)
     except (typer.Exit, SystemExit) as e:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
     except _click_errors() as e:
@@ -110,6 +134,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     except (KeyboardInterrupt, _click_abort()):
         typer.secho("interrupted", fg="yellow", err=True)
         sys.exit(130)
+
+
+def _quiet_import_warnings() -> None:
+    """transformers imports torchao (QLoRA's NF4) whenever it is installed; torchao then logs one
+    warning per CUDA kernel a CPU build cannot load, and torch warns about its pytree registrations.
+    Neither matters to deltafit's use (NF4 is pure PyTorch), so keep them off the console."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _click_errors():

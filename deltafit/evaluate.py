@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -31,11 +32,13 @@ def evaluate_loop(model, delta, loader, task: str, accelerator=None) -> dict:
 
 
 def _score_lm(model, prepare, loader, accelerator) -> dict:
+    from deltafit.loss import causal_lm_loss
+
     # Token-weighted mean: the model's loss is a per-batch mean over its label tokens.
     total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     for batch in loader:
         n = (batch["labels"][:, 1:] != -100).sum()
-        loss = model(**prepare(dict(batch))).loss
+        loss = causal_lm_loss(model, prepare(dict(batch)))  # chunked: never the full fp32 logits
         total += float(loss) * float(n)
         count += float(n)
     if accelerator is not None:
@@ -72,24 +75,26 @@ def classification_metric():
 
 
 def evaluate_checkpoint(path: str, data: Optional[str] = None, split: Optional[str] = None, base: bool = False,
-                        batch_size: Optional[int] = None, output: Optional[str] = None) -> tuple[dict, Path]:
+                        batch_size: Optional[int] = None, output: Optional[str] = None,
+                        base_model: Optional[str] = None) -> tuple[dict, Path]:
     """Score a checkpoint (or, with base=True, its untouched base model) on held-out data."""
     from torch.utils.data import DataLoader
 
     from deltafit.data import make_collator, prepare_data
     from deltafit.model import build_model, load_tokenizer
 
-    directory = checkpoint.find_checkpoint(path)
-    meta, tensors = checkpoint.load(directory)
-    recipe = _recipe_of(directory)
+    directory, meta, tensors = load_source(path, base_model)
+    recipe = source_recipe(directory, meta)
     spec = _eval_data_spec(recipe.data, data, split)
-    tokenizer = load_tokenizer(recipe.model)
+    with about_checkpoint(directory):
+        tokenizer = load_tokenizer(recipe.model)
     prepared = prepare_data(spec, tokenizer, meta["task"], recipe.train.seed,
                             label_names=meta.get("label_names"), want_train=False)
     if not prepared.eval:
         raise UserError(f"no evaluation examples in '{spec.eval or spec.train}'")
-    model, tokenizer, _ = build_model(recipe.model, label_names=meta.get("label_names"), tokenizer=tokenizer)
-    delta = None if base else attach_from_checkpoint(model, meta, tensors)
+    with about_checkpoint(directory):
+        model, tokenizer, _ = build_model(recipe.model, label_names=meta.get("label_names"), tokenizer=tokenizer)
+        delta = None if base else attach_from_checkpoint(model, meta, tensors)
     loader = DataLoader(prepared.eval, batch_size=batch_size or recipe.train.batch_size,
                         collate_fn=make_collator(tokenizer.pad_token_id, meta["task"]))
     results = {"checkpoint": str(directory), "model": "base" if base else meta["method"],
@@ -98,6 +103,16 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, split: Optional[s
     out = Path(output) if output else directory / f"eval{'-base' if base else ''}.json"
     out.write_text(json.dumps(results, indent=2))
     return results, out
+
+
+@contextmanager
+def about_checkpoint(directory: Path):
+    """Name the checkpoint in user errors raised while rebuilding its model and delta: the recipe
+    keys they cite are those of its recipe.yaml, not of a recipe the user is editing."""
+    try:
+        yield
+    except UserError as e:
+        raise UserError(f"checkpoint '{directory}': {e}") from None
 
 
 def attach_from_checkpoint(model, meta: dict, tensors: dict):
@@ -109,6 +124,33 @@ def attach_from_checkpoint(model, meta: dict, tensors: dict):
     delta.attach(model, head=head)
     delta.load_state_dict(tensors)
     return delta
+
+
+def load_source(path: str, base_model: Optional[str] = None) -> tuple[Path, dict, dict]:
+    """(directory, metadata, tensors) of a deltafit checkpoint or of a PEFT adapter directory
+    (imported through its method's `from_peft`); `base_model` replaces the recorded base model."""
+    from deltafit.export import is_peft_adapter, load_peft_adapter
+
+    if is_peft_adapter(Path(path)) and not (Path(path) / checkpoint.META).is_file():
+        meta, tensors = load_peft_adapter(Path(path), base_model)
+        return Path(path), meta, tensors
+    directory = checkpoint.find_checkpoint(path)
+    meta, tensors = checkpoint.load(directory)
+    if base_model:
+        meta = {**meta, "model": {**meta["model"], "name": base_model}}
+    return directory, meta, tensors
+
+
+def source_recipe(directory: Path, meta: dict):
+    """The recipe behind `load_source`'s result: the checkpoint's recipe.yaml (its model section as
+    recorded in the metadata, so --base-model applies), or the one a PEFT import made up."""
+    from deltafit.recipe import recipe_from_dict
+
+    if "recipe" in meta:  # a PEFT adapter: no recipe file
+        return recipe_from_dict(meta["recipe"], source=f"PEFT adapter '{directory}'")
+    raw = checkpoint.read_recipe_dict(directory)
+    raw["model"] = {**raw.get("model", {}), "name": meta["model"]["name"]}
+    return recipe_from_dict(raw, source=f"{directory}/{checkpoint.RECIPE}")
 
 
 def _recipe_of(directory: Path):

@@ -15,30 +15,31 @@ import torch
 from deltafit import checkpoint, deltas
 from deltafit.errors import UserError
 
-# Texts used to compare merged and unmerged logits when the recipe's data is not at hand.
+# Texts used to compare merged and unmerged logits when the recipe's data is not at hand. Every
+# merged weight acts on every token, so two short texts (of different lengths: padding and the
+# attention mask take part) catch a wrong fold as surely as a long batch, for a fraction of the
+# cost: the two forward passes must stay small next to the load and save they guard.
 SAMPLE_TEXTS = [
     "The capital of France is Paris.",
-    "Instruction: summarize the following review. Input: a slow, beautiful and sad film.",
     "def add(a, b):\n    return a + b",
-    "Delta tuning trains a small change of a large pretrained model.",
 ]
 MAX_ALLOWED_DIFF = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.1}
 
 
-def merge_checkpoint(path: str, output: str, dtype: Optional[str] = None) -> dict:
-    from deltafit.evaluate import _recipe_of, attach_from_checkpoint
+def merge_checkpoint(path: str, output: str, dtype: Optional[str] = None, base_model: Optional[str] = None) -> dict:
+    from deltafit.evaluate import about_checkpoint, attach_from_checkpoint, load_source, source_recipe
     from deltafit.model import build_model
 
-    directory = checkpoint.find_checkpoint(path)
-    meta, tensors = checkpoint.load(directory)
+    directory, meta, tensors = load_source(path, base_model)
     method = deltas.get(meta["method"])
     if not method.mergeable:
         raise UserError(f"method '{meta['method']}' cannot be merged: {method.not_mergeable_because}; "
                         f"use the checkpoint as is with `deltafit eval`")
     out = _check_output(Path(output), directory)
-    recipe = _recipe_of(directory)
-    model, tokenizer, _ = build_model(recipe.model, label_names=meta.get("label_names"))
-    delta = attach_from_checkpoint(model, meta, tensors)
+    recipe = source_recipe(directory, meta)
+    with about_checkpoint(directory):
+        model, tokenizer, _ = build_model(recipe.model, label_names=meta.get("label_names"))
+        delta = attach_from_checkpoint(model, meta, tensors)
     model.eval()
     inputs = _sample_inputs(tokenizer)
     with torch.no_grad():

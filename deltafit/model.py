@@ -128,12 +128,38 @@ def load_config(spec):
     from transformers import AutoConfig
 
     ref = resolve(spec.name, spec.gguf_file)
-    if ref.gguf_file and (cached := _cached_dequantized(ref)):
-        ref = cached  # parsing a GGUF header takes seconds; the dequantized copy's config.json does not
+    if ref.gguf_file:
+        # Parsing a GGUF header reads its whole tokenizer vocabulary (seconds); a config.json takes
+        # milliseconds: the dequantized copy's, else one written the first time the header is parsed.
+        ref = _cached_dequantized(ref) or _cached_gguf_config(ref) or ref
     try:
-        return AutoConfig.from_pretrained(ref.path, gguf_file=ref.gguf_file, **_common_kwargs(spec))
+        config = AutoConfig.from_pretrained(ref.path, gguf_file=ref.gguf_file, **_common_kwargs(spec))
     except (OSError, ValueError) as e:
         raise UserError(f"recipe key 'model.name': could not load the config of '{spec.name}' ({_first_line(e)})") from None
+    if ref.gguf_file:
+        _write_gguf_config(config, ref)
+    return config
+
+
+def _gguf_config_dir(ref: ModelRef) -> Path:
+    return cache_dir() / "gguf-config" / _file_key(Path(ref.path) / ref.gguf_file)
+
+
+def _cached_gguf_config(ref: ModelRef) -> Optional[ModelRef]:
+    target = _gguf_config_dir(ref)
+    return ModelRef(str(target), None, True) if (target / "config.json").is_file() else None
+
+
+def _write_gguf_config(config, ref: ModelRef) -> None:
+    """Cache a GGUF file's parsed config (temp folder renamed into place); best effort: a cache that
+    cannot be written only means the header is parsed again next time."""
+    target = _gguf_config_dir(ref)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    try:
+        config.save_pretrained(tmp)
+        tmp.rename(target)
+    except OSError:  # unwritable cache, or another process won the race with an identical copy
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def meta_model(spec, num_labels: Optional[int] = None):

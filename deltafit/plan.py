@@ -8,10 +8,13 @@ from deltafit.deltas._targets import HEAD_NAMES
 
 def make_plan(recipe) -> dict:
     """Model, task, method, modules that get a delta, parameter counts and data sizes."""
-    from deltafit.data import describe_data
+    from deltafit.data import describe_data, resolve_packing
     from deltafit.model import meta_model
 
     data = describe_data(recipe.data)
+    packing = resolve_packing(recipe.data, recipe.model.task, deltas.get(recipe.delta.method))
+    data["packing"] = {True: f"on (rows of <= {recipe.data.max_length} tokens, per-example attention)", False: "off",
+                       None: "auto (on where it saves >= 10% of batch positions)"}[packing]
     model = meta_model(recipe.model, num_labels=len(data.get("labels") or []) or None)
     total = sum(p.numel() for p in model.parameters())
     delta = deltas.build(recipe.delta)

@@ -1,0 +1,208 @@
+"""PEFT interoperability: export a deltafit checkpoint as a PEFT adapter, import a PEFT adapter.
+
+A PEFT adapter is a directory with `adapter_config.json` (the PEFT config: `peft_type`,
+`task_type`, `base_model_name_or_path` and the method's own fields) and `adapter_model.safetensors`.
+The per-method mapping lives with each method (`Delta.peft_type`, `to_peft`, `from_peft`); this
+module does the generic part: the common config fields, the task head (PEFT's `modules_to_save`),
+the key prefixes, the atomic write, and reading an adapter back as a checkpoint for eval/merge.
+
+Key prefixes (as PEFT writes them): methods that change the model's modules ("tuners": LoRA...)
+key their tensors `base_model.model.<module>.<tensor>`; prompt-learning methods key their one
+tensor `prompt_embeddings`, and their saved head modules `base_model.<module>.<tensor>`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from deltafit import checkpoint, deltas
+from deltafit.deltas.base import HEAD_PREFIX
+from deltafit.errors import UserError
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}
+PROMPT_LEARNING = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CARTRIDGE"}
+# PEFT types deltafit has no method for, and what to use instead.
+NO_EQUIVALENT = "deltafit has no method for it; deltafit reads LORA, PROMPT_TUNING and PREFIX_TUNING adapters"
+
+
+def export_checkpoint(path: str, output: str, fmt: str = "peft") -> dict:
+    """Write the checkpoint at `path` as a PEFT adapter directory `output`."""
+    if fmt != "peft":
+        raise UserError(f"--format '{fmt}' is not supported; valid: peft")
+    directory = checkpoint.find_checkpoint(path)
+    meta, tensors = checkpoint.load(directory)
+    out = _new_output(Path(output), directory)
+    method = deltas.get(meta["method"])
+    config = method.Config.model_validate(meta["delta_config"])
+    own = {k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}
+    fields, peft_tensors = method.to_peft(config, own, lambda: _model_config(meta))
+    prefix = _tensor_prefix(method.peft_type)
+    adapter = {k if method.peft_type in PROMPT_LEARNING else prefix + k: v for k, v in peft_tensors.items()}
+    head = {k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
+    adapter.update({prefix + k: v for k, v in head.items()})
+    adapter_config = {**_common_fields(meta, method.peft_type, head), **fields}
+    _write_adapter(out, adapter_config, adapter)
+    return {"output": str(out), "method": meta["method"], "peft_type": method.peft_type,
+            "tensors": len(adapter), "modules_to_save": adapter_config["modules_to_save"]}
+
+
+def _common_fields(meta: dict, peft_type: str, head: dict) -> dict:
+    model = meta["model"]
+    return {
+        "peft_type": peft_type,
+        "task_type": TASK_TYPES[meta["task"]],
+        "base_model_name_or_path": _base_reference(model),
+        "revision": model.get("revision"),
+        "inference_mode": True,
+        "modules_to_save": sorted({k.rsplit(".", 1)[0] for k in head}) or None,
+    }
+
+
+def _base_reference(model: dict) -> str:
+    """What PEFT users pass to from_pretrained: the hub id, or the local directory it resolved to
+    (pkg: models are installed directories; GGUF files go through deltafit's dequantized copy)."""
+    from deltafit.model import plain_ref
+    from deltafit.recipe import ModelSpec
+
+    ref = plain_ref(ModelSpec.model_validate(model))
+    return str(Path(ref.path).resolve()) if ref.is_local else ref.path
+
+
+def _model_config(meta: dict):
+    """The base model's transformers config (no weights), for methods whose PEFT fields need it."""
+    from deltafit.model import load_config
+    from deltafit.recipe import ModelSpec
+
+    return load_config(ModelSpec.model_validate(meta["model"]))
+
+
+def _tensor_prefix(peft_type: str) -> str:
+    return "base_model." if peft_type in PROMPT_LEARNING else "base_model.model."
+
+
+def _new_output(out: Path, source: Path) -> Path:
+    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
+        raise UserError(f"--output '{out}' must not be inside the checkpoint '{source}'")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--output '{out}' exists and is not empty; choose a new directory")
+    return out
+
+
+def _write_adapter(out: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Both files into a temp sibling, renamed into place: never a half-written adapter."""
+    from safetensors.torch import save_file
+
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS),
+              metadata={"format": "pt"})  # PEFT writes (and transformers expects) this marker
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Import
+
+
+def is_peft_adapter(path: Path) -> bool:
+    return (Path(path) / CONFIG).is_file()
+
+
+def load_peft_adapter(path: Path, base_model: Optional[str] = None) -> tuple[dict, dict]:
+    """(metadata, tensors) of a PEFT adapter directory, shaped like a deltafit checkpoint's; the
+    metadata also holds the recipe it stands for (`recipe`: model, delta, a data section for --data)."""
+    path = Path(path)
+    fields = _read_config(path)
+    peft_type, task = fields.get("peft_type"), _task(fields, path)
+    method = _method_for(peft_type, path)
+    tensors = _read_tensors(path)
+    prefix = _tensor_prefix(peft_type)
+    head_modules = fields.get("modules_to_save") or []
+    head, own = _split_head(tensors, prefix, head_modules)
+    name = base_model or fields.get("base_model_name_or_path")
+    if not name:
+        raise UserError(f"PEFT adapter '{path}': {CONFIG} names no base_model_name_or_path; pass --base-model")
+    model = {"name": name, "task": task, **({"revision": fields["revision"]} if fields.get("revision") else {})}
+    delta_config, state = method.from_peft(fields, own, lambda: _model_config({"model": model}))
+    state.update({HEAD_PREFIX + k: v for k, v in head.items()})
+    if task == "seq-cls":
+        model["num_labels"] = _num_labels(head, path)
+    # An adapter carries no data: eval needs --data, read as classification rows or alpaca rows.
+    recipe = {"model": model, "data": {"train": "", "format": "classification" if task == "seq-cls" else "alpaca"},
+              "delta": delta_config}
+    meta = {"format": checkpoint.FORMAT, "method": method.name, "delta_config": delta_config, "model": model,
+            "task": task, "label_names": None, "step": None, "epoch": None, "source": f"peft:{path}",
+            "recipe": recipe}
+    return meta, state
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        fields = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"PEFT adapter '{path}': {CONFIG} is not readable JSON ({e})") from None
+    if not isinstance(fields, dict) or "peft_type" not in fields:
+        raise UserError(f"PEFT adapter '{path}': {CONFIG} has no peft_type")
+    return fields
+
+
+def _task(fields: dict, path: Path) -> str:
+    tasks = {v: k for k, v in TASK_TYPES.items()}
+    task_type = fields.get("task_type")
+    if task_type not in tasks:
+        raise UserError(f"PEFT adapter '{path}': task_type {task_type!r} is not supported; "
+                        f"deltafit reads {', '.join(tasks)} adapters")
+    return tasks[task_type]
+
+
+def _method_for(peft_type: str, path: Path):
+    """The first registered method that maps to this PEFT type (so LORA imports as 'lora')."""
+    for cls in deltas.all_methods().values():
+        if cls.peft_type == peft_type:
+            return cls
+    raise UserError(f"PEFT adapter '{path}': peft_type {peft_type!r} cannot be imported: {NO_EQUIVALENT}")
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not (path / WEIGHTS).is_file():
+        found = ", ".join(sorted(p.name for p in path.iterdir()))
+        raise UserError(f"PEFT adapter '{path}' has no {WEIGHTS} (found: {found}); pickle files (.bin) are never "
+                        f"loaded: re-save it with safe_serialization=True")
+    try:
+        return load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"PEFT adapter '{path}': {WEIGHTS} is damaged ({e})") from None
+
+
+def _split_head(tensors: dict, prefix: str, head_modules: list[str]) -> tuple[dict, dict]:
+    """(task head tensors, method tensors), both keyed by model names without PEFT's prefix."""
+    head, own = {}, {}
+    for key, value in tensors.items():
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        module = name.rsplit(".", 1)[0]
+        if any(module == m or module.endswith("." + m) or module.startswith(m + ".") for m in head_modules):
+            head[name] = value
+        else:
+            own[name] = value
+    return head, own
+
+
+def _num_labels(head: dict, path: Path) -> int:
+    sizes = [v.shape[0] for k, v in head.items() if k.endswith(("classifier.weight", "score.weight", "out_proj.weight"))]
+    if not sizes:
+        raise UserError(f"PEFT adapter '{path}' is a classifier but holds no classifier head (modules_to_save)")
+    return int(sizes[0])
