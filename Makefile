@@ -26,6 +26,10 @@ test-all:
 bench:
 	$(PY) scripts/bench.py
 
+# Peak memory of LaMDA vs LoRA at equal rank on SmolLM2-135M (two processes, one after another).
+bench-lamda:
+	$(PY) scripts/bench_lamda_memory.py
+
 quickstart:
 	$(VENV)/bin/deltafit train recipes/quickstart.yaml --output runs/quickstart
 

@@ -1,0 +1,201 @@
+"""The benchmark script on tiny models, and the chunked causal-LM loss it motivated.
+
+Tolerances for chunked vs plain loss (fp32 on CPU): the loss agrees to a relative 1e-5 and every
+gradient to 1e-6 absolute + 1e-4 relative. The two differ only in summation order (per-chunk sums
+of the same per-token losses), so anything larger is a real bug: a shifted label, a lost token,
+a skipped hook.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import deltafit.loss as loss_module
+from deltafit.loss import causal_lm_loss, chunked_cross_entropy, supports_chunked_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+LOSS_RTOL, GRAD_ATOL, GRAD_RTOL = 1e-5, 1e-6, 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# scripts/bench.py --quick on tiny models
+
+
+def test_quick_bench_runs_both_systems_and_writes_tables(tmp_path, tiny_llama, alpaca_file):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:begin -->\nold table\n<!-- bench:end -->\nrest\n")
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench.py", "--quick", "--workloads", "smollm2-qv", "--steps", "2",
+         "--packing", "off", "--llm-model", str(tiny_llama), "--llm-data", str(alpaca_file),
+         "--out", str(out), "--readme", str(readme)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    runs = {r["system"]: r for r in results["runs"]}
+    assert set(runs) == {"deltafit", "reference"}
+    for run in runs.values():
+        assert run["steps"] == 2 and run["real_tokens_per_s"] > 0 and run["peak_rss_gb"] > 0
+        assert 0 < run["real_fraction"] <= 1 and math.isfinite(run["final_loss"])
+    # Same model, same LoRA, same batches: same trainable count, and after two small steps from the
+    # same starting loss the losses can only differ by the LoRA A init (B starts at zero on both).
+    assert runs["deltafit"]["trainable_params"] == runs["reference"]["trainable_params"] == 1792
+    assert abs(runs["deltafit"]["final_loss"] - runs["reference"]["final_loss"]) < 1e-2
+    assert runs["deltafit"]["real_tokens_per_s"] / runs["deltafit"]["padded_tokens_per_s"] == \
+        pytest.approx(runs["reference"]["real_tokens_per_s"] / runs["reference"]["padded_tokens_per_s"])
+    metrics = {r["metric"] for r in results["summary"]["ratios"]}
+    assert {"real_tokens_per_s", "peak_rss_gb", "s_per_step"} <= metrics
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- bench:begin -->\n") and text.endswith("<!-- bench:end -->\nrest\n")
+    assert "old table" not in text and "| smollm2-qv | reference |" in text
+    assert (out / "results.md").read_text() in text
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunked causal-LM loss
+
+
+def _tiny_causal_lm(**config):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    return LlamaForCausalLM(LlamaConfig(**{**base, **config}))
+
+
+def _batch(rows=3, length=19):
+    torch.manual_seed(1)
+    ids = torch.randint(0, 300, (rows, length))
+    mask = torch.ones_like(ids)
+    mask[1, 13:] = 0  # right padding
+    labels = ids.clone()
+    labels[:, :6] = -100  # a prompt
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _attach(model, method="lora", **options):
+    from deltafit import deltas
+    from deltafit.recipe import validate_delta
+
+    delta = deltas.build(validate_delta({"method": method, **options}))
+    delta.attach(model, head=[])
+    return delta
+
+
+def _loss_and_grads(model, delta, batch, chunked):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)  # the same dropout masks on both paths
+    inputs = delta.prepare_inputs(dict(batch)) if delta is not None else dict(batch)
+    loss = causal_lm_loss(model, inputs) if chunked else model(**inputs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(model, delta, batch):
+    plain, plain_grads = _loss_and_grads(model, delta, batch, chunked=False)
+    chunked, chunked_grads = _loss_and_grads(model, delta, batch, chunked=True)
+    assert torch.isfinite(plain)
+    torch.testing.assert_close(chunked, plain, rtol=LOSS_RTOL, atol=0)
+    assert chunked_grads.keys() == plain_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
+@pytest.fixture()
+def small_chunks(monkeypatch):
+    """Chunks of 7 tokens, so every batch here spans several."""
+    monkeypatch.setattr(loss_module, "CHUNK_BYTES", 4 * 300 * 7)
+    return 7
+
+
+def test_chunked_loss_matches_plain_loss_and_grads_with_lora_dropout(small_chunks):
+    model = _tiny_causal_lm()
+    delta = _attach(model, target_modules=["q_proj", "v_proj"], r=4, dropout=0.1)
+    for insertion in delta.trainable_parameters().values():
+        torch.nn.init.normal_(insertion, std=0.1)
+    model.train()
+    _assert_same(model, delta, _batch())
+
+
+def test_chunked_loss_matches_plain_loss_and_grads_with_lora_on_lm_head(small_chunks):
+    # No dropout here: a dropout on lm_head's own LoRA draws its masks per chunk, so they differ from
+    # the plain path's (same distribution; each chunk's recompute in backward reuses its own mask).
+    model = _tiny_causal_lm()
+    delta = _attach(model, target_modules=["q_proj", "v_proj", "lm_head"], r=4)
+    for insertion in delta.trainable_parameters().values():  # B != 0, so lm_head's LoRA changes the logits
+        torch.nn.init.normal_(insertion, std=0.1)
+    model.train()
+    _assert_same(model, delta, _batch())
+
+
+def test_chunked_loss_projects_only_counted_tokens_a_chunk_at_a_time(small_chunks):
+    model = _tiny_causal_lm()
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[:-1].numel()))
+    batch = _batch()
+    loss = causal_lm_loss(model, batch)
+    loss.backward()
+    counted = int((batch["labels"][:, 1:] != -100).sum())
+    forward_calls = seen[: math.ceil(counted / small_chunks) + 1]  # the first call is the empty logits_to_keep one
+    assert forward_calls[0] == 0 and max(seen) <= small_chunks
+    assert sum(forward_calls) == counted
+    assert sum(seen) == 2 * counted  # backward recomputes each chunk once: the logits were not kept
+
+
+def test_chunked_loss_accepts_prepare_inputs_kwargs_of_prefix_and_prompt(small_chunks):
+    for method, options in (("prefix", {"num_virtual_tokens": 3}), ("prompt", {"num_virtual_tokens": 3, "init": "random"})):
+        model = _tiny_causal_lm()
+        delta = _attach(model, method, **options)
+        model.train()
+        _assert_same(model, delta, _batch())
+
+
+def test_chunked_loss_on_packed_rows(small_chunks):
+    model = _tiny_causal_lm()
+    delta = _attach(model, target_modules=["q_proj", "v_proj"])
+    batch = _batch(rows=2, length=16)
+    batch.pop("attention_mask")
+    batch["position_ids"] = torch.tensor([list(range(9)) + list(range(7)), list(range(16))])
+    _assert_same(model, delta, batch)
+
+
+def test_eval_mode_and_no_counted_token_match_transformers(small_chunks):
+    model = _tiny_causal_lm().eval()
+    batch = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(causal_lm_loss(model, batch), model(**batch).loss, rtol=LOSS_RTOL, atol=0)
+        batch["labels"][:] = -100
+        assert math.isnan(float(causal_lm_loss(model, batch))) and math.isnan(float(model(**batch).loss))
+
+
+def test_models_that_change_logits_after_the_head_keep_the_plain_loss():
+    capped = _tiny_causal_lm(final_logit_softcapping=3.0)
+    assert not supports_chunked_loss(capped)
+    assert supports_chunked_loss(_tiny_causal_lm())
+    batch = _batch()
+    torch.testing.assert_close(causal_lm_loss(capped, batch), capped(**batch).loss, rtol=0, atol=0)
+
+
+def test_classifiers_keep_their_own_loss():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                     num_hidden_layers=1, num_attention_heads=4)).eval()
+    batch = {"input_ids": torch.randint(0, 100, (4, 9)), "labels": torch.tensor([0, 1, 1, 0])}
+    assert not supports_chunked_loss(model)
+    torch.testing.assert_close(causal_lm_loss(model, batch), model(**batch).loss, rtol=0, atol=0)
+
+
+def test_chunked_cross_entropy_rejects_misaligned_labels():
+    with pytest.raises(ValueError, match="do not line up"):
+        chunked_cross_entropy(torch.nn.Linear(4, 10), torch.zeros(2, 5, 4), torch.zeros(2, 6, dtype=torch.long))
