@@ -84,7 +84,7 @@ def export(
     output: Path = typer.Option(..., "--output", "-o", help="New directory for the exported adapter."),
     format_: str = typer.Option("peft", "--format", help="Adapter format: peft (adapter_config.json + adapter_model.safetensors)."),
 ):
-    """Write a checkpoint as a PEFT adapter (LoRA, rsLoRA, prompt tuning), loadable with PeftModel.from_pretrained."""
+    """Write a checkpoint as a PEFT adapter (LoRA, rsLoRA, QLoRA, AdaLoRA, VeRA, prefix and prompt tuning), loadable with PeftModel.from_pretrained."""
     from deltafit.export import export_checkpoint
     from deltafit.report import console
 

@@ -8,7 +8,10 @@ the key prefixes, the atomic write, and reading an adapter back as a checkpoint 
 
 Key prefixes (as PEFT writes them): methods that change the model's modules ("tuners": LoRA...)
 key their tensors `base_model.model.<module>.<tensor>`; prompt-learning methods key their one
-tensor `prompt_embeddings`, and their saved head modules `base_model.<module>.<tensor>`.
+tensor `prompt_embeddings`, and their saved head modules `base_model.<module>.<tensor>`. A tuner
+tensor that hangs on PEFT's tuner itself rather than on a module of the model (VeRA's shared
+`base_model.vera_A` / `vera_B`) is returned by `to_peft` with its full `base_model.` key and kept
+as is; on import it reaches `from_peft` under that full key.
 """
 
 from __future__ import annotations
@@ -29,8 +32,13 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}
 PROMPT_LEARNING = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CARTRIDGE"}
+ROOT = "base_model."  # keys from `to_peft` that already start with it are PEFT's full keys
 # PEFT types deltafit has no method for, and what to use instead.
-NO_EQUIVALENT = "deltafit has no method for it; deltafit reads LORA, PROMPT_TUNING and PREFIX_TUNING adapters"
+NO_EQUIVALENT = ("deltafit has no method for it; deltafit reads LORA (incl. rsLoRA), ADALORA, VERA, PROMPT_TUNING "
+                 "and PREFIX_TUNING adapters")
+# Config fields that describe the training run rather than the method: a method that leaves one
+# None in `to_peft` gets it from the checkpoint (PEFT's AdaLoRA config must name its run's length).
+RUN_FIELDS = {"total_step": lambda meta: max(1, int(meta.get("step") or 1))}
 
 
 def export_checkpoint(path: str, output: str, fmt: str = "peft") -> dict:
@@ -44,8 +52,10 @@ def export_checkpoint(path: str, output: str, fmt: str = "peft") -> dict:
     config = method.Config.model_validate(meta["delta_config"])
     own = {k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}
     fields, peft_tensors = method.to_peft(config, own, lambda: _model_config(meta))
+    fields = {**fields, **{k: fill(meta) for k, fill in RUN_FIELDS.items() if k in fields and fields[k] is None}}
     prefix = _tensor_prefix(method.peft_type)
-    adapter = {k if method.peft_type in PROMPT_LEARNING else prefix + k: v for k, v in peft_tensors.items()}
+    adapter = {k if method.peft_type in PROMPT_LEARNING or k.startswith(ROOT) else prefix + k: v
+               for k, v in peft_tensors.items()}
     head = {k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
     adapter.update({prefix + k: v for k, v in head.items()})
     adapter_config = {**_common_fields(meta, method.peft_type, head), **fields}

@@ -247,5 +247,56 @@ class AdaLoRA(Delta):
                 self.kept[key] = self._all_kept(update)
         super().load_state_dict(state)
 
+    # -- PEFT interoperability ---------------------------------------------------------------
+    # PEFT: `<module>.lora_A` (r x in), `lora_E` (r x 1), `lora_B` (out x r), saved trimmed to the
+    # kept triplets, with `rank_pattern` {"<module>.lora_E": init_r booleans} telling from_pretrained
+    # which rank to resize each layer to; its divisor `ranknum` stays init_r, like this scale. The
+    # final checkpoint no longer records which of the init_r slots were kept, only how many: the
+    # pattern marks the first k, which loads the same tensors (PEFT only sums it on load).
+    peft_type = "ADALORA"
+
+    @classmethod
+    def to_peft(cls, config, state, model_config):
+        parts = _split_parts(state, ".adalora.")
+        hosts = sorted({host for host, _ in parts})
+        ranks = {host: parts[(host, "lora_E")].shape[0] for host in hosts}
+        pattern = {f"{host}.lora_E": [i < ranks[host] for i in range(config.init_r)] for host in hosts}
+        fields = {"init_r": config.init_r, "target_r": config.target_r, "lora_alpha": config.alpha,
+                  "lora_dropout": config.dropout, "tinit": config.tinit, "tfinal": config.tfinal, "deltaT": config.deltaT,
+                  "beta1": config.beta1, "beta2": config.beta2, "orth_reg_weight": config.orth_reg_weight,
+                  "total_step": None,  # the run's length: export fills it from the checkpoint
+                  "rank_pattern": pattern, "target_modules": hosts, "bias": "none", "fan_in_fan_out": False,
+                  "init_lora_weights": True, "use_dora": False}
+        return fields, {f"{host}.{part}": v for (host, part), v in parts.items()}
+
+    @classmethod
+    def from_peft(cls, fields, tensors, model_config):
+        from deltafit.deltas.lora import PEFT_UNSUPPORTED
+
+        for option, neutral in PEFT_UNSUPPORTED.items():
+            if option != "rank_pattern" and fields.get(option) not in (neutral, None):
+                raise UserError(f"PEFT AdaLoRA option {option}={fields[option]!r} has no deltafit equivalent; only "
+                                f"plain AdaLoRA adapters on linear layers can be imported")
+        parts = _split_parts(tensors, ".")
+        init_r = int(fields.get("init_r") or 12)
+        alpha = float(fields.get("lora_alpha") or 0) or float(init_r)  # PEFT: lora_alpha, or r when it is 0
+        names = ("target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight")
+        config = {"method": "adalora", "init_r": init_r, "alpha": alpha, "dropout": float(fields.get("lora_dropout") or 0.0),
+                  **{k: fields[k] for k in names if fields.get(k) is not None},
+                  "target_modules": sorted({host for host, _ in parts})}
+        return config, {f"{host}.adalora.{part}": v for (host, part), v in parts.items()}
+
+
+def _split_parts(state: dict, marker: str) -> dict:
+    """{(host module, 'lora_A' | 'lora_E' | 'lora_B'): tensor} from keys '<host><marker><part>'."""
+    split = {}
+    for key, value in state.items():
+        host, _, part = key.rpartition(marker)
+        if not host or part not in PARTS:
+            raise UserError(f"tensor '{key}' is not an AdaLoRA lora_A/lora_E/lora_B matrix (embedding AdaLoRA "
+                            f"cannot be imported)")
+        split[(host, part)] = value
+    return split
+
 
 DELTA = AdaLoRA

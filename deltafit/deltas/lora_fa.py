@@ -18,6 +18,7 @@ from torch import nn
 from deltafit.deltas._lowrank import LowRankUpdate, fold_into, lora_scale
 from deltafit.deltas._targets import find_targets
 from deltafit.deltas.base import Delta, TargetedConfig
+from deltafit.deltas.lora import LoRA
 
 
 class LoRAFAConfig(TargetedConfig):
@@ -55,6 +56,11 @@ class LoRAFA(Delta):
         for _, _, update in self.insertions.hosts.values():
             if update.B.grad is not None:
                 update.B.grad.copy_(projected_grad(update))
+
+    # PEFT has no LoRA-FA type and needs none: the trained result is a plain LoRA (B A), stored
+    # under LoRA's keys, so it exports as a LORA adapter (import of a LORA adapter gives `lora`).
+    peft_type = LoRA.peft_type
+    to_peft = LoRA.to_peft
 
     def _merge(self) -> None:
         for host, _, update in self.insertions.hosts.values():

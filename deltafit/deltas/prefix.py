@@ -113,6 +113,105 @@ class PrefixTuning(Delta):
         out = 2 * s["layers"] * s["kv_heads"] * s["head_dim"]
         return p * d + d * h + h + h * out + out if c.reparameterize else p * out
 
+    # PEFT: one tensor `prompt_embeddings`, (p, L*2*token_dim) with token_dim = kv_heads*head_dim,
+    # each row laid out [layer][key, value][head][head_dim]: the layout of PrefixEncoder's output.
+    # Export writes the computed table with prefix_projection=False. That is exact and is what PEFT
+    # itself stores, for prefix_projection=True too (it saves the MLP's output and loads it without
+    # the MLP); mapping the MLP instead would not fit on GQA models anyway (PEFT's embedding width is
+    # token_dim, deltafit's is the hidden size). Import takes that table, so both PEFT forms load.
+    # Positions: PEFT numbers the real tokens after the prefix (p, p+1, ...), deltafit from 0. With
+    # RoPE a real query at position m meets an unrotated prefix key k as R_m q . k, so PEFT computes
+    # the same scores with keys rotated by p: R_(m+p) q . R_p k = R_m q . k. Export rotates by +p,
+    # import by -p. Absolute position embeddings (BERT) would see other positions: refused.
+    peft_type = "PREFIX_TUNING"
+
+    @classmethod
+    def to_peft(cls, config, state, model_config):
+        text = _peft_text_config(model_config())
+        shape, p = _kv_shape_of(text), config.num_virtual_tokens
+        with torch.no_grad():
+            table = _computed_table(config, state)
+            table = _rotate_keys(table, shape, _rope_rotation(text, shape["head_dim"], p))
+        token_dim = shape["kv_heads"] * shape["head_dim"]
+        fields = {"num_virtual_tokens": p, "token_dim": token_dim, "num_attention_heads": shape["kv_heads"],
+                  "num_layers": shape["layers"], "num_transformer_submodules": 1, "prefix_projection": False,
+                  "encoder_hidden_size": token_dim, "init_weights": None}
+        return fields, {"prompt_embeddings": table}
+
+    @classmethod
+    def from_peft(cls, fields, tensors, model_config):
+        if (fields.get("num_transformer_submodules") or 1) != 1 or set(tensors) != {"prompt_embeddings"}:
+            raise UserError("only single-stack prefix tuning adapters (decoder-only or encoder-only models, one "
+                            "prompt_embeddings tensor) can be imported")
+        text = _peft_text_config(model_config())
+        shape, table = _kv_shape_of(text), tensors["prompt_embeddings"]
+        width = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"]
+        if table.ndim != 2 or table.shape[1] != width:
+            raise UserError(f"PEFT prefix tensor prompt_embeddings has shape {tuple(table.shape)}; this base model "
+                            f"needs (num_virtual_tokens, {width}): was the adapter trained on another model?")
+        p = table.shape[0]
+        with torch.no_grad():
+            table = _rotate_keys(table.float(), shape, _rope_rotation(text, shape["head_dim"], -p))
+        config = {"method": "prefix", "num_virtual_tokens": int(p), "reparameterize": False}
+        return config, {f"{CHILD}.embedding.weight": table}
+
+
+# Decoders whose attention rotates q and k with Llama's rotate_half RoPE (the prefix keys can be
+# re-rotated exactly); other position schemes cannot be translated between the two numberings.
+ROTARY_MODELS = ("llama", "mistral", "qwen2", "qwen3")
+ROTARY_MESSAGE = ("PEFT numbers the real tokens after the prefix, deltafit from 0; deltafit translates between the "
+                  f"two only for RoPE decoders ({', '.join(ROTARY_MODELS)})")
+
+
+def _peft_text_config(config):
+    if getattr(config, "is_encoder_decoder", False):
+        raise UserError("method 'prefix' supports decoder-only and encoder-only models, not encoder-decoders")
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _computed_table(config: PrefixConfig, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(p, 2 L d_kv): what PrefixEncoder.forward computes from the checkpoint's tensors."""
+    table = state[f"{CHILD}.embedding.weight"].float()
+    if config.reparameterize:
+        mlp = {k[len(f"{CHILD}.mlp."):]: v.float() for k, v in state.items() if k.startswith(f"{CHILD}.mlp.")}
+        hidden = torch.tanh(torch.nn.functional.linear(table, mlp["0.weight"], mlp["0.bias"]))
+        table = torch.nn.functional.linear(hidden, mlp["2.weight"], mlp["2.bias"])
+    return table
+
+
+def _rope_rotation(text, head_dim: int, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of the RoPE rotation by `shift` positions, as the model's rotary embedding
+    computes them but without its attention scaling (a pure rotation)."""
+    model_type = getattr(text, "model_type", None)
+    rope = dict(getattr(text, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", "default")
+    if model_type not in ROTARY_MODELS or "rope_theta" not in rope:
+        raise UserError(f"method 'prefix' on model type '{model_type}' cannot be expressed in PEFT's format: "
+                        f"{ROTARY_MESSAGE}; use the deltafit checkpoint (deltafit eval/merge accept it directly)")
+    if rope_type in ("dynamic", "longrope") or (getattr(text, "partial_rotary_factor", None) or 1.0) != 1.0:
+        raise UserError(f"method 'prefix' with RoPE type '{rope_type}' cannot be expressed in PEFT's format: its "
+                        f"frequencies depend on the sequence length; use the deltafit checkpoint")
+    if rope_type == "default":  # as LlamaRotaryEmbedding.compute_default_rope_parameters
+        inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    else:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](text)
+    angle = torch.cat([inv_freq, inv_freq]).double() * shift
+    return angle.cos(), angle.sin()
+
+
+def _rotate_keys(table: torch.Tensor, shape: dict[str, int], rotation) -> torch.Tensor:
+    """The (p, 2 L d_kv) table with every layer's prefix keys rotated (values unchanged)."""
+    cos, sin = rotation
+    p = table.shape[0]
+    kv = table.double().view(p, shape["layers"], 2, shape["kv_heads"], shape["head_dim"]).clone()
+    keys = kv[:, :, 0]
+    half = keys.shape[-1] // 2
+    rotated_half = torch.cat([-keys[..., half:], keys[..., :half]], dim=-1)  # Llama's rotate_half
+    kv[:, :, 0] = keys * cos + rotated_half * sin
+    return kv.view(p, -1).to(table.dtype)
+
 
 def _text_config(model: nn.Module):
     config = getattr(model, "config", None)
@@ -123,9 +222,12 @@ def _text_config(model: nn.Module):
 
 def _kv_shape(model: nn.Module) -> dict[str, int]:
     """Layers, key/value heads and head width of the model's attention (GQA-aware)."""
-    config = _text_config(model)
     if getattr(model.config, "is_encoder_decoder", False):
         raise UserError("method 'prefix' supports decoder-only and encoder-only models, not encoder-decoders")
+    return _kv_shape_of(_text_config(model))
+
+
+def _kv_shape_of(config) -> dict[str, int]:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads

@@ -109,6 +109,19 @@ class QLoRA(Delta):
         targets = find_targets(model, self.config.target_modules, self.config.layers)
         return sum(self.config.r * (m.in_features + m.out_features) for m in targets.values())
 
+    # PEFT: a plain LORA adapter; the tensors are LoRA's (same `LowRankUpdate`, same keys). What the
+    # LoRA format cannot say is that they were trained against the NF4 base: on the full-precision
+    # base they give slightly different logits; on a 4-bit base they match the training setup.
+    peft_type = "LORA"
+
+    @classmethod
+    def to_peft(cls, config, state, model_config):
+        from deltafit.deltas.lora import LoRA
+
+        print("qlora: exported as a LORA adapter; its base was NF4-quantized in deltafit, so on the full-precision "
+              "base PEFT's logits differ slightly (load the base in 4-bit NF4 to match training)", file=sys.stderr)
+        return LoRA.to_peft(config, state, model_config)
+
 
 def quantized_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The NF4 weights inside `model` (for inspection and tests), keyed by module name."""

@@ -19,6 +19,7 @@ from torch import nn
 from deltafit.deltas._lowrank import fold_into, seeded_kaiming_uniform
 from deltafit.deltas._targets import find_targets
 from deltafit.deltas.base import Delta, TargetedConfig
+from deltafit.errors import UserError
 
 SHARED = "vera_projections"  # where the shared A and B hang, on the model's root
 
@@ -118,6 +119,83 @@ class VeRA(Delta):
 
     def describe_targets(self) -> list[str]:
         return [key for key in self.insertions.hosts if key != SHARED]
+
+    # PEFT: `<module>.vera_lambda_d` (r) and `vera_lambda_b` (out) per layer, and one shared
+    # `base_model.vera_A` (r x in_max) / `base_model.vera_B` (out_max x r) sliced per layer, drawn
+    # from projection_prng_key with the same init and order as here. Export stores the projections
+    # (save_projection=True), so PEFT loads exactly these values whatever its platform's generator.
+    peft_type = "VERA"
+
+    @classmethod
+    def to_peft(cls, config, state, model_config):
+        layers = _split_vectors(state, ".vera.", ("d", "b"))
+        hosts = sorted({host for host, _ in layers})
+        in_max = max(_in_features(model_config(), hosts).values())
+        out_max = max(layers[(host, "b")].shape[0] for host in hosts)
+        A, B = _projections(config.r, in_max, out_max, config.projection_seed)
+        tensors = {f"{host}.vera_lambda_{part}": v for (host, part), v in layers.items()}
+        tensors.update({f"{PEFT_ROOT}vera_A": A, f"{PEFT_ROOT}vera_B": B})
+        fields = {"r": config.r, "target_modules": hosts, "projection_prng_key": config.projection_seed,
+                  "save_projection": True, "vera_dropout": config.dropout, "d_initial": config.d_initial,
+                  "fan_in_fan_out": False, "bias": "none", "init_weights": True}
+        return fields, tensors
+
+    @classmethod
+    def from_peft(cls, fields, tensors, model_config):
+        for option, neutral in {"fan_in_fan_out": False, "bias": "none"}.items():
+            if fields.get(option) not in (neutral, None):
+                raise UserError(f"PEFT VeRA option {option}={fields[option]!r} has no deltafit equivalent; only VeRA "
+                                f"adapters on linear layers without bias training can be imported")
+        shared = {k: tensors[f"{PEFT_ROOT}vera_{k}"] for k in ("A", "B") if f"{PEFT_ROOT}vera_{k}" in tensors}
+        layers = _split_vectors({k: v for k, v in tensors.items() if not k.startswith(PEFT_ROOT)}, ".vera_lambda_",
+                                ("d", "b"))
+        r, seed = int(fields["r"]), int(fields.get("projection_prng_key") or 0)
+        if len(shared) == 2:  # deltafit regenerates them from the seed: they must be those
+            A, B = _projections(r, shared["A"].shape[1], shared["B"].shape[0], seed)
+            if not (torch.equal(A, shared["A"].float()) and torch.equal(B, shared["B"].float())):
+                raise UserError(f"PEFT VeRA adapter: its stored vera_A/vera_B are not the projections drawn from "
+                                f"projection_prng_key={seed}; deltafit regenerates them from the seed and cannot use them")
+        config = {"method": "vera", "r": r, "projection_seed": seed, "d_initial": float(fields.get("d_initial", 0.1)),
+                  "dropout": float(fields.get("vera_dropout") or 0.0), "target_modules": sorted({h for h, _ in layers})}
+        return config, {f"{host}.vera.{part}": v for (host, part), v in layers.items()}
+
+
+PEFT_ROOT = "base_model."  # PEFT keys the shared projections on its tuner, not on a module of the model
+
+
+def _projections(r: int, in_max: int, out_max: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared A and B exactly as SharedProjections draws them on the CPU."""
+    shared = SharedProjections(r, in_max, out_max, seed, "cpu")
+    return shared.A, shared.B
+
+
+def _split_vectors(state: dict, marker: str, parts: tuple[str, ...]) -> dict:
+    """{(host module, part): tensor} from keys '<host><marker><part>'; anything else is refused."""
+    split = {}
+    for key, value in state.items():
+        host, _, part = key.rpartition(marker)
+        if not host or part not in parts:
+            raise UserError(f"tensor '{key}' is not a VeRA scaling vector ({marker}{'/'.join(parts)})")
+        split[(host, part)] = value
+    return split
+
+
+def _in_features(config, hosts: list[str]) -> dict[str, int]:
+    """in_features of each adapted module, read off a weightless copy of the base (the shared A's
+    width is the largest of them, and nothing in a checkpoint records it)."""
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        backbone = AutoModel.from_config(config)
+    linears = {n: m.in_features for n, m in backbone.named_modules() if isinstance(m, nn.Linear)}
+    found = {}
+    for host in hosts:  # the backbone's names lack the task model's prefix ("model.", "bert.")
+        names = [n for n in linears if n and (host == n or host.endswith("." + n))]
+        if not names:
+            raise UserError(f"VeRA target '{host}' is not a linear layer of the base model's backbone; "
+                            f"cannot size the shared projections for PEFT")
+        found[host] = linears[max(names, key=len)]
+    return found
 
 
 DELTA = VeRA
