@@ -31,15 +31,15 @@ column by step ceil(freeze_b_by * T). The chosen ranks are written into the meth
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 from pydantic import Field
 from torch import nn
 
-from deltafit.deltas._lowrank import SpectralUpdate, columns_frozen, fold_into, singular_values
+from deltafit.deltas._lowrank import SpectralUpdate, columns_frozen, singular_values
 from deltafit.deltas._targets import find_targets
 from deltafit.deltas.base import Delta
-from deltafit.deltas.lamda import LaMDAConfig, check_rank
+from deltafit.deltas.lamda import LaMDA, LaMDAConfig, check_rank
 from deltafit.errors import UserError
 
 
@@ -82,20 +82,11 @@ class LaMDAPlusPlus(Delta):
             check_rank(name, linear, c.ranks[name], key=f"delta.ranks.{name}")
         return dict(c.ranks)
 
-    def on_step_end(self, step: int, total_steps: int) -> None:
-        for _, _, update in self.insertions.hosts.values():
-            update.freeze(columns_frozen(step, total_steps, update.rank, self.config.freeze_b_by))
-
-    def schedule_state(self) -> dict[str, Any]:
-        return {"frozen_columns": {key: u.frozen for key, (_, _, u) in self.insertions.hosts.items()}}
-
-    def load_schedule_state(self, state: dict[str, Any]) -> None:
-        for key, count in state.get("frozen_columns", {}).items():
-            self.insertions.hosts[key][2].freeze(int(count))
-
-    def _merge(self) -> None:
-        for host, _, update in self.insertions.hosts.values():
-            fold_into(host, update.delta_weight())
+    # The B-freezing schedule, its saved state and the fold are LaMDA's, unchanged: only the ranks differ.
+    on_step_end = LaMDA.on_step_end
+    schedule_state = LaMDA.schedule_state
+    load_schedule_state = LaMDA.load_schedule_state
+    _merge = LaMDA._merge
 
     def expected_trainable_params(self, model: nn.Module) -> int:
         c = self.config

@@ -39,6 +39,7 @@ from torch import nn
 from deltafit.deltas._lowrank import LowRankUpdate, lora_scale
 from deltafit.deltas._targets import find_targets
 from deltafit.deltas.base import Delta, TargetedConfig
+from deltafit.deltas.lora import LoRA
 from deltafit.errors import UserError
 
 
@@ -105,9 +106,7 @@ class QLoRA(Delta):
                 _restore(linear, linear.weight.get_original_weight(), flag)
         self._quantized.clear()
 
-    def expected_trainable_params(self, model: nn.Module) -> int:
-        targets = find_targets(model, self.config.target_modules, self.config.layers)
-        return sum(self.config.r * (m.in_features + m.out_features) for m in targets.values())
+    expected_trainable_params = LoRA.expected_trainable_params  # the same r (in + out) per target
 
     # PEFT: a plain LORA adapter; the tensors are LoRA's (same `LowRankUpdate`, same keys). What the
     # LoRA format cannot say is that they were trained against the NF4 base: on the full-precision
@@ -116,8 +115,6 @@ class QLoRA(Delta):
 
     @classmethod
     def to_peft(cls, config, state, model_config):
-        from deltafit.deltas.lora import LoRA
-
         print("qlora: exported as a LORA adapter; its base was NF4-quantized in deltafit, so on the full-precision "
               "base PEFT's logits differ slightly (load the base in 4-bit NF4 to match training)", file=sys.stderr)
         return LoRA.to_peft(config, state, model_config)
