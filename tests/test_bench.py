@@ -199,3 +199,43 @@ def test_classifiers_keep_their_own_loss():
 def test_chunked_cross_entropy_rejects_misaligned_labels():
     with pytest.raises(ValueError, match="do not line up"):
         chunked_cross_entropy(torch.nn.Linear(4, 10), torch.zeros(2, 5, 4), torch.zeros(2, 6, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA's lean dropout: torch's values, draws and gradients, a bool mask kept for backward
+
+
+def _lora_path(lean: bool, seed: int = 3):
+    from deltafit.deltas._lowrank import LowRankUpdate
+
+    torch.manual_seed(0)
+    update = LowRankUpdate(16, 12, r=4, scale=2.0, dropout=0.3)
+    torch.nn.init.normal_(update.B)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    torch.manual_seed(seed)
+    if lean:
+        y = update(x)
+    else:  # the plain composition the lean path replaces
+        y = (update.dropout(x) @ update.A.t()) @ update.B.t() * update.scale
+    y.pow(2).sum().backward()
+    return y.detach(), x.grad, update.A.grad, update.B.grad, torch.rand(1)
+
+
+def test_lean_dropout_is_bit_identical_to_torch_dropout():
+    lean, plain = _lora_path(lean=True), _lora_path(lean=False)
+    for a, b in zip(lean, plain):  # outputs, all gradients and the RNG state after it
+        assert torch.equal(a, b)
+    assert not torch.equal(_lora_path(lean=True)[0], _lora_path(lean=True, seed=4)[0])  # dropout did act
+
+
+def test_lean_dropout_keeps_a_bool_mask_not_the_float_noise():
+    from deltafit.deltas._lowrank import lean_dropout
+
+    saved = []
+    x = torch.randn(64, 32, requires_grad=True)
+    dropout = torch.nn.Dropout(0.5).train()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lean_dropout(dropout, x).sum().backward()
+    assert [t.dtype for t in saved] == [torch.bool]
+    dropout.eval()
+    assert lean_dropout(dropout, x) is x  # eval: dropout is the identity
