@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from deltafit.deltas._lowrank import LowRankUpdate, fold_into, lora_scale
+from deltafit.deltas._lowrank import LowRankUpdate, lora_scale
 from deltafit.deltas._targets import find_targets
 from deltafit.deltas.base import Delta, TargetedConfig
 from deltafit.deltas.lora import LoRA
@@ -64,7 +64,7 @@ class LoRAFA(Delta):
 
     def _merge(self) -> None:
         for host, _, update in self.insertions.hosts.values():
-            fold_into(host, update.delta_weight())
+            update.fold(host)
 
     def expected_trainable_params(self, model: nn.Module) -> int:
         targets = find_targets(model, self.config.target_modules, self.config.layers)
