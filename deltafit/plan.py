@@ -19,6 +19,8 @@ def make_plan(recipe) -> dict:
     total = sum(p.numel() for p in model.parameters())
     delta = deltas.build(recipe.delta)
     delta.attach(model, head=_head_guess(model, recipe.model.task))
+    if recipe.train.max_steps:  # with epochs the step count depends on the tokenized data: train checks it
+        delta.check_run(recipe.train.max_steps)
     delta_params = sum(p.numel() for p in delta.delta_parameters().values())
     trainable = sum(p.numel() for p in delta.trainable_parameters().values())
     return {

@@ -92,6 +92,7 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None)
     batches_per_process = math.ceil(math.ceil(len(data.train) / t.batch_size) / accelerator.num_processes)
     steps_per_epoch = math.ceil(batches_per_process / t.grad_accum)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    delta.check_run(total_steps)  # a schedule that cannot fit is refused before the first step
     optimizer = build_optimizer(delta, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
     eval_loader = None

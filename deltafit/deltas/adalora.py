@@ -152,12 +152,16 @@ class AdaLoRA(Delta):
                 grads[f"{key}.{part}"] = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
         self._grads = (step, grads)
 
-    def on_step_end(self, step: int, total_steps: int) -> None:
+    def check_run(self, total_steps: int) -> None:
         c = self.config
-        final_start = total_steps - c.tfinal
-        if c.tinit >= final_start:
+        if c.tinit >= total_steps - c.tfinal:
             raise UserError(f"recipe keys 'delta.tinit' ({c.tinit}) and 'delta.tfinal' ({c.tfinal}) leave no steps to "
                             f"shrink ranks in a {total_steps}-step run: need tinit < total steps - tfinal")
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        c = self.config
+        self.check_run(total_steps)
+        final_start = total_steps - c.tfinal
         grad_step, grads = self._grads
         self._grads = (0, {})
         if step < final_start:

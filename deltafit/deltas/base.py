@@ -179,6 +179,10 @@ class Delta:
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Called after every optimizer step (rank budgets, freezing schedules...)."""
 
+    def check_run(self, total_steps: int) -> None:
+        """Refuse a run too short for the method's schedule with a UserError naming the recipe keys;
+        called before the first step (and by `validate` when train.max_steps is set)."""
+
     def schedule_state(self) -> dict[str, Any]:
         """The method's own training-schedule state (importance averages, rank masks, what is frozen),
         saved in step checkpoints so a resumed run continues exactly. Nested dicts/lists of tensors

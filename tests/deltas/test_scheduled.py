@@ -351,3 +351,14 @@ def test_cli_train_runs_the_schedule_then_eval_and_merge_work(tmp_path, tiny_lla
     code, out, err = run_cli(capsys, "merge", final, "--output", tmp_path / "merged")
     assert code == 0, err
     assert "max abs diff" in out
+
+
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_cli_refuses_a_run_too_short_for_the_budget_before_training(tmp_path, tiny_llama, alpaca_file, capsys, command):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama, {"train": str(alpaca_file), "format": "alpaca"},
+                          delta={"method": "adalora", "init_r": 4, "target_r": 2, "tinit": 200, "tfinal": 500},
+                          train={"max_steps": 6})
+    argv = [command, recipe] + (["--output", tmp_path / "run"] if command == "train" else [])
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and "'delta.tinit' (200)" in err and "6-step run" in err, err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before the first step
