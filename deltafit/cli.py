@@ -116,6 +116,10 @@ def methods():
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: runs the app, turning user errors into one line and exit code 2."""
+    if argv is None and sys.argv[1:2] == ["train"]:  # this process's own command line, not a test's call
+        from deltafit.allocator import reexec_with_allocator
+
+        reexec_with_allocator(sys.argv[1:])  # returns only when there is no faster malloc to start with
     argv = _bare_resume(list(sys.argv[1:] if argv is None else argv))
     _quiet_import_warnings()
     try:

@@ -24,10 +24,7 @@ logit scale, Granite's logits scaling) or that take no `logits_to_keep` use the 
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import inspect
-import sys
 from typing import Any
 
 import torch
@@ -36,12 +33,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-CHUNK_BYTES = 128 * 2**20  # fp32 logits per chunk: ~680 tokens at SmolLM2's 49,152 vocabulary
+CHUNK_BYTES = 32 * 2**20  # fp32 logits per chunk: ~170 tokens at SmolLM2's 49,152 vocabulary
 # Config attributes that mean "the logits are transformed after the head": the chunked path would
 # compute a different loss for such models, so they keep the plain one.
 POST_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logits_scale")
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
-MMAP_THRESHOLD_BYTES = 256 * 2**10  # see keep_large_tensors_out_of_the_heap for the measured trade-off
 
 
 def causal_lm_loss(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
@@ -112,35 +107,3 @@ def _device(inputs: dict[str, Any], core: nn.Module) -> torch.device:
         if torch.is_tensor(value):
             return value.device
     return next(core.parameters()).device
-
-
-@functools.cache
-def keep_large_tensors_out_of_the_heap() -> bool:
-    """Have glibc give every allocation of 256 KiB or more its own mmap, returned to the OS when freed.
-
-    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
-    activation-sized tensors come from the heap, whose freed holes are kept by the process and grow
-    step after step. A fixed threshold stops the ratchet. It changes where memory comes from, never
-    a computed value. No-op off glibc (macOS, musl, Windows).
-
-    The trade-off, measured (scripts/bench.py jobs; peak RSS, minor page faults, system CPU time):
-    every mmap'd tensor costs a page fault and a zeroed page per 4 KiB, every step.
-    - SmolLM2 q/v, batch 8, 6 steps: 256 KiB 3.59 GB; 8 MiB 4.98 GB (the reference: 4.93 GB). Over
-      3 steps: 256 KiB 3.78 GB / 7.9 M faults / 17 s system; 2 MiB 4.23 GB; 8 MiB 3.95 GB / 1.8 M / 4 s;
-      glibc's default 4.62 GB. A higher threshold fragments the heap more with every step.
-    - MiniLM SST-2 (batch 32 x 64): 256 KiB 0.88 GB but ~10x the page faults (3.1 M vs 0.33 M over
-      15 steps, ~0.4 s of system time per step): about 1.5-2x slower per step than 8 MiB (1.24 GB)
-      or the default (1.29 GB), which for such a small model is most of the step.
-    Memory wins here: "never more memory than the reference" holds only at 256 KiB on the LLM
-    workloads. What would remove the MiniLM cost is an allocator that reuses freed blocks without
-    fragmenting (jemalloc/tcmalloc via LD_PRELOAD, or GLIBC_TUNABLES=glibc.malloc.hugetlb=1 set
-    before the process starts, so mmap'd blocks fault in 2 MiB pages; not measured yet); neither can be
-    switched on from inside a running process.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):
-        return False

@@ -13,6 +13,8 @@ from typing import Optional
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from deltafit.allocator import describe
+
 console = Console(stderr=True, soft_wrap=True)
 
 
@@ -42,7 +44,7 @@ class MetricsLog:
         console.print(f"[bold]{delta.name}[/]: {trainable:,} trainable / {total:,} parameters "
                       f"({100 * trainable / total:.4f}%), {total_steps} steps"
                       + (f" on {self.accelerator.num_processes} processes" if self.accelerator.num_processes > 1 else "")
-                      + (f", resuming from {resume_from}" if resume_from else ""))
+                      + (f", resuming from {resume_from}" if resume_from else "") + f"; malloc: {describe()}")
         shown = {k: v for k, v in stats.items() if v and not k.startswith("train_padding")}
         console.print("data: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
         if stats.get("train_padding") is not None:

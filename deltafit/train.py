@@ -18,11 +18,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from deltafit import checkpoint, deltas
+from deltafit.allocator import tune_glibc
 from deltafit.data import batch_tokens, make_collator, prepare_data, resolve_packing, use_packed_attention
 from deltafit.errors import Interrupted, UserError
 from deltafit.evaluate import evaluate_loop
 from deltafit.metrics import MetricsLog
 from deltafit.model import build_model, load_tokenizer
+from deltafit.recompute import RecomputedActivations
 
 NO_DECAY = ("bias", "norm", "ln_", "layernorm")
 
@@ -48,6 +50,7 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None)
     output_dir = Path(output_dir or recipe.resolved_output_dir())
     t = recipe.train
     _check_trackers(recipe.log.trackers)
+    tune_glibc()  # under glibc's malloc, large tensors get their own mmap (a no-op under tcmalloc: allocator.py)
     # 1. Accelerate: precision, accumulation and (when launched so) several processes.
     _forget_single_process_state()
     accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
@@ -122,13 +125,16 @@ def _loop(recipe, accelerator, model, delta, optimizer, scheduler, train_rows, c
           progress, total_steps, log, output_dir, label_names):
     t = recipe.train
     save = lambda: _save_step(recipe, model, delta, accelerator, label_names, progress, output_dir, optimizer, scheduler)
+    # Activation outputs are recomputed in backward from inputs kept anyway (same values, less memory).
+    recomputed = RecomputedActivations().attach(model)
     model.train()
     with GracefulStop() as stop:
         while progress.step < total_steps:
             loader = _epoch_loader(train_rows, collate, t, progress, accelerator)
             for batch in loader:
                 with accelerator.accumulate(model):
-                    loss = _forward(model, delta, batch)
+                    with recomputed.active():
+                        loss = _forward(model, delta, batch)
                     accelerator.backward(loss)
                     log.micro_batch(loss.detach())
                     progress.batches_in_epoch += accelerator.num_processes
@@ -161,9 +167,8 @@ def _loop(recipe, accelerator, model, delta, optimizer, scheduler, train_rows, c
 
 
 def _forward(model, delta, batch) -> torch.Tensor:
-    from deltafit.loss import causal_lm_loss, keep_large_tensors_out_of_the_heap  # imported here: edit kept in _forward
+    from deltafit.loss import causal_lm_loss  # imported here: edit kept in _forward
 
-    keep_large_tensors_out_of_the_heap()  # once per process (cached): freed activations go back to the OS
     # Causal LMs: chunked loss, never the full fp32 logits (same value; other models: their own loss).
     loss = causal_lm_loss(model, delta.prepare_inputs(dict(batch)))
     extra = delta.extra_loss()

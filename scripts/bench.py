@@ -25,6 +25,12 @@ The `deltafit` run sets `data.packing=false` (same batching as the reference); a
 pair, `deltafit-defaults`, leaves the recipe's defaults (packed rows with per-example attention)
 when the recipe has the `data.packing` key. `--set a.b=value` adds overrides to every deltafit run.
 
+Allocator: each deltafit run starts the way `deltafit train` starts, with tcmalloc preloaded when the
+machine has it (deltafit/allocator.py; `make install` fetches it), else glibc with deltafit's
+mmap threshold. The reference starts with the C library's malloc, as its users run it;
+`--reference-malloc deltafit` gives it tcmalloc too, to show how much of a difference is the
+allocator. The `malloc` column says what each run had.
+
 Peak RSS is the process's ru_maxrss (model loading included; training dominates). On a GPU the
 peak CUDA memory (torch.cuda.max_memory_allocated) is reported too.
 """
@@ -74,6 +80,7 @@ class Job:
     seed: int = 42
     sets: list = field(default_factory=list)  # deltafit recipe overrides (a.b=value)
     text_column: str = "text"
+    preload: bool = False  # start with the malloc `deltafit train` preloads (deltafit/allocator.py)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,9 +102,10 @@ def plan(args) -> list[list[Job]]:
     groups = []
     for name in args.workloads:
         spec = workloads[name]
-        group = [Job("deltafit", name, **spec, sets=_same_batching(args)), Job("reference", name, **spec)]
+        group = [Job("deltafit", name, **spec, sets=_same_batching(args), preload=True),
+                 Job("reference", name, **spec, preload=args.reference_malloc == "deltafit")]
         if spec["task"] == "causal-lm" and args.packing:
-            group.append(Job("deltafit-defaults", name, **spec, sets=list(args.set)))
+            group.append(Job("deltafit-defaults", name, **spec, sets=list(args.set), preload=True))
         groups.append(group)
     return groups
 
@@ -114,8 +122,8 @@ def scaling_plan(args, long_data: Path) -> list[list[Job]]:
         spec = dict(task="causal-lm", model=args.llm_model, data=str(long_data), data_format="completion",
                     targets=["q_proj", "v_proj"], batch_size=8, max_length=length, lr=3e-4,
                     steps=args.scaling_steps, warmup=1)
-        groups.append([Job("deltafit", f"len {length}", **spec, sets=_same_batching(args)),
-                       Job("reference", f"len {length}", **spec)])
+        groups.append([Job("deltafit", f"len {length}", **spec, sets=_same_batching(args), preload=True),
+                       Job("reference", f"len {length}", **spec, preload=args.reference_malloc == "deltafit")])
     return groups
 
 
@@ -149,7 +157,7 @@ def run_job(job: Job, timeout: int) -> dict:
     base = {"system": job.system, "label": job.label, "job": asdict(job)}
     try:
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(asdict(job))],
-                              capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+                              capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=_environment(job))
     except subprocess.TimeoutExpired:
         return {**base, "error": f"timed out after {timeout} s"}
     for line in reversed(proc.stdout.splitlines()):
@@ -159,11 +167,23 @@ def run_job(job: Job, timeout: int) -> dict:
     return {**base, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
 
 
+def _environment(job: Job) -> dict:
+    """deltafit's runs start as `deltafit train` starts (with its preferred malloc, when the machine has
+    it); the reference starts with the C library's malloc unless --reference-malloc deltafit."""
+    from deltafit.allocator import PRELOADED_NAMES, launch_env
+
+    env = dict(os.environ)
+    preloads = [p for p in env.pop("LD_PRELOAD", "").split(":") if p and not any(n in p for n in PRELOADED_NAMES)]
+    if preloads:
+        env["LD_PRELOAD"] = ":".join(preloads)
+    return (launch_env(env) or env) if job.preload else env
+
+
 def _one_line(r: dict) -> str:
     if "error" in r:
         return f"  {r['label']:<24} {r['system']:<9} ERROR {r['error']}"
     return (f"  {r['label']:<24} {r['system']:<9} {r['real_tokens_per_s']:>9.1f} real tok/s  "
-            f"{r['s_per_step']:>7.3f} s/step  {r['peak_rss_gb']:.2f} GB  loss {r['final_loss']:.4f}")
+            f"{r['s_per_step']:>7.3f} s/step  {r['peak_rss_gb']:.2f} GB  loss {r['final_loss']:.4f}  malloc: {r['malloc']}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,12 +224,14 @@ def real_tokens(batch) -> int:
 def worker(job: Job) -> dict:
     import torch
 
+    from deltafit.allocator import describe
+
     clock = StepClock()
     started = time.perf_counter()
     trainable = (run_reference if job.system == "reference" else run_deltafit)(job, clock)
     result = clock.summary(job.warmup, job.steps)
     result.update(trainable_params=trainable, peak_rss_gb=_peak_rss_gb(), wall_s=time.perf_counter() - started,
-                  torch_threads=torch.get_num_threads())
+                  torch_threads=torch.get_num_threads(), malloc=describe())
     if result.get("steps"):
         result["examples_per_s"] = job.batch_size / result["s_per_step"]
     if torch.cuda.is_available():
@@ -338,7 +360,7 @@ def _peak_rss_gb() -> float:
 METRICS = (("real_tokens_per_s", "real tok/s", "{:,.0f}"), ("padded_tokens_per_s", "padded tok/s", "{:,.0f}"),
            ("examples_per_s", "examples/s", "{:,.1f}"), ("s_per_step", "s/step", "{:.3f}"),
            ("peak_rss_gb", "peak RSS GiB", "{:.2f}"), ("peak_cuda_gb", "peak CUDA GiB", "{:.2f}"),
-           ("trainable_params", "trainable", "{:,}"), ("final_loss", "final loss", "{:.4f}"))
+           ("trainable_params", "trainable", "{:,.0f}"), ("final_loss", "final loss", "{:.4f}"))
 RATIOS = (("real_tokens_per_s", "real tok/s"), ("s_per_step", "s/step"), ("peak_rss_gb", "peak RSS"),
           ("peak_cuda_gb", "peak CUDA"))
 
@@ -351,7 +373,7 @@ def summarize(results: list[dict]) -> dict:
             rows.setdefault((r["label"], r["system"]), []).append(r)
     table = []
     for (label, system), runs in rows.items():
-        entry = {"label": label, "system": system, "runs": len(runs)}
+        entry = {"label": label, "system": system, "runs": len(runs), "malloc": runs[0].get("malloc", "")}
         for key, _, _ in METRICS:
             values = [run[key] for run in runs if key in run]
             if values:
@@ -376,11 +398,11 @@ def markdown(summary: dict, scaling: dict | None, meta: dict) -> str:
     present = [m for m in METRICS if any(m[0] in row for row in summary["table"])]
     lines = [f"Measured {meta['date']} on {meta['machine']} with `{meta['command']}` "
              f"({meta['pairs']} interleaved pair(s) per workload, {meta['warmup']} warm-up step(s) excluded).", "",
-             "| workload | system | " + " | ".join(name for _, name, _ in present) + " |",
-             "| --- | --- | " + " | ".join("---:" for _ in present) + " |"]
+             "| workload | system | malloc | " + " | ".join(name for _, name, _ in present) + " |",
+             "| --- | --- | --- | " + " | ".join("---:" for _ in present) + " |"]
     for row in summary["table"]:
         cells = [fmt.format(row[key]) if key in row else "" for key, _, fmt in present]
-        lines.append(f"| {row['label']} | {row['system']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['label']} | {row['system']} | {row['malloc']} | " + " | ".join(cells) + " |")
     lines += ["", "deltafit / reference, per interleaved pair (real tok/s: higher is better; s/step and memory: lower). "
               "`deltafit`: same batching as the reference (data.packing=false, padding to the longest row); "
               "`deltafit-defaults`: deltafit's defaults (packed rows, per-example attention):", "",
@@ -442,6 +464,9 @@ def parse_args(argv=None):
     p.add_argument("--set", action="append", default=[], help="deltafit recipe override for every deltafit run (a.b=value)")
     p.add_argument("--packing", choices=("auto", "on", "off"), default="auto",
                    help="add a run of deltafit's defaults (packing) to causal-LM pairs (auto: when the recipe has data.packing)")
+    p.add_argument("--reference-malloc", choices=("system", "deltafit"), default="system",
+                   help="the reference's malloc: the C library's (default, as its users run it) or the one deltafit preloads "
+                        "(to see how much of the difference is the allocator)")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="directory for results.json and results.md")
     p.add_argument("--readme", nargs="?", const=str(README), help="write the table into the bench region of README.md (or of the file given)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per run before it counts as failed")

@@ -30,8 +30,12 @@ class LowRankUpdate(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = lean_dropout(self.dropout, x.to(self.A.dtype))
-        return (x @ self.A.t()) @ self.B.t() * self.scale
+        x = x.to(self.A.dtype)
+        if _lean_dropout_applies(self.dropout, x):
+            down = _DroppedDownProjection.apply(x, *_draw_noise(self.dropout.p, x), self.A)
+        else:
+            down = self.dropout(x) @ self.A.t()
+        return down @ self.B.t() * self.scale
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update scale * B A, shaped like the host weight (out x in)."""
@@ -56,13 +60,22 @@ def lean_dropout(dropout: nn.Module, x: torch.Tensor) -> torch.Tensor:
     drawn here exactly as torch draws it (`empty_like(x).bernoulli_(1 - p).div_(1 - p)`, then
     `x * noise`) and only its 0/1 pattern is kept, as bool.
     """
+    if not _lean_dropout_applies(dropout, x):
+        return dropout(x)
+    return _KeptMaskProduct.apply(x, *_draw_noise(dropout.p, x))
+
+
+def _lean_dropout_applies(dropout: nn.Module, x: torch.Tensor) -> bool:
     p = getattr(dropout, "p", 0.0)
     # On CUDA (and other accelerators) torch's fused dropout already keeps a bool mask, and draws its
     # noise differently: left to torch, so results there stay exactly what they were.
-    if x.device.type != "cpu" or not (dropout.training and 0 < p < 1) or not (torch.is_grad_enabled() and x.requires_grad):
-        return dropout(x)
+    return x.device.type == "cpu" and dropout.training and 0 < p < 1 and torch.is_grad_enabled()
+
+
+def _draw_noise(p: float, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(keep mask, float noise, keep probability), drawn as torch's CPU dropout draws them."""
     noise = torch.empty_like(x).bernoulli_(1 - p)
-    return _KeptMaskProduct.apply(x, noise.bool(), noise.div_(1 - p), 1 - p)
+    return noise.bool(), noise.div_(1 - p), 1 - p
 
 
 class _KeptMaskProduct(torch.autograd.Function):
@@ -78,6 +91,35 @@ class _KeptMaskProduct(torch.autograd.Function):
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
         return grad * keep.to(grad.dtype).div_(ctx.q), None, None, None
+
+
+class _DroppedDownProjection(torch.autograd.Function):
+    """dropout(x) @ A^T keeping x and the bool mask for backward, not the dropped-out copy of x.
+
+    A's gradient needs dropout(x); rebuilt in backward from x and the mask (one multiply) instead
+    of kept. The adapted projections of one layer read the same x (q, k and v; gate and up), so
+    they keep one x between them where each kept its own dropped-out copy: for q/v LoRA on
+    SmolLM2 at 8 x 256 tokens, 135 MB less. Values and gradients are torch's, bit for bit (the
+    matmuls below are the ones autograd runs for `dropout(x) @ A.t()`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, keep, noise, q, A):
+        ctx.save_for_backward(x, keep, A)
+        ctx.q = q
+        return (x * noise) @ A.t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, keep, A = ctx.saved_tensors
+        noise = keep.to(grad.dtype).div_(ctx.q)
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_A = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_2d @ A).view(x.shape) * noise
+        if ctx.needs_input_grad[4]:
+            grad_A = grad_2d.t().mm((x * noise).reshape(-1, x.shape[-1]))
+        return grad_x, None, None, None, grad_A
 
 
 def fold_into(linear: nn.Linear, delta: torch.Tensor) -> None:
