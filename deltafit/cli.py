@@ -116,7 +116,7 @@ def methods():
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: runs the app, turning user errors into one line and exit code 2."""
-    if argv is None and sys.argv[1:2] == ["train"]:  # this process's own command line, not a test's call
+    if argv is None and sys.argv[1:2] == ["train"] and not {"--help", "-h"} & set(sys.argv):  # this process's own command line
         from deltafit.allocator import reexec_with_allocator
 
         reexec_with_allocator(sys.argv[1:])  # returns only when there is no faster malloc to start with
