@@ -39,6 +39,11 @@ def find_library(environ: Optional[dict] = None) -> Optional[str]:
     if choice == "system":
         return None
     if choice != "auto":
+        if not Path(choice).is_file():
+            from deltafit.errors import UserError
+
+            raise UserError(f"{ENV}='{choice}' is not a file; use auto (tcmalloc when found), system (the C "
+                            f"library's malloc) or the path of a malloc library such as {LIBRARY}")
         return choice
     local = Path(sys.prefix) / "lib" / LIBRARY  # where `make install` unpacks it
     if local.is_file():

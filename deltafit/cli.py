@@ -116,13 +116,14 @@ def methods():
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: runs the app, turning user errors into one line and exit code 2."""
-    if argv is None and sys.argv[1:2] == ["train"] and not {"--help", "-h"} & set(sys.argv):  # this process's own command line
-        from deltafit.allocator import reexec_with_allocator
-
-        reexec_with_allocator(sys.argv[1:])  # returns only when there is no faster malloc to start with
+    own_command_line = argv is None  # not a test's or a script's call
     argv = _bare_resume(list(sys.argv[1:] if argv is None else argv))
     _quiet_import_warnings()
     try:
+        if own_command_line and argv[:1] == ["train"] and not {"--help", "-h"} & set(argv):
+            from deltafit.allocator import reexec_with_allocator
+
+            reexec_with_allocator(argv)  # returns only when there is no faster malloc to start with
         app(args=argv, prog_name="deltafit", standalone_mode=False)
     except UserError as e:
         typer.secho(f"error: {e}", fg="red", err=True)

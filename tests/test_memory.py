@@ -144,10 +144,12 @@ def test_lora_projections_sharing_an_input_keep_it_once_with_bool_masks():
 # The allocator `deltafit train` starts with
 
 
-def test_launch_env_preloads_the_library_once(monkeypatch):
+def test_launch_env_preloads_the_library_once(monkeypatch, tmp_path):
     monkeypatch.setattr(allocator, "loaded", lambda: None)
-    env = allocator.launch_env({"DELTAFIT_ALLOCATOR": "/opt/x/libtcmalloc_minimal.so.4", "LD_PRELOAD": "/a/libfoo.so"})
-    assert env["LD_PRELOAD"] == "/opt/x/libtcmalloc_minimal.so.4:/a/libfoo.so"
+    library = tmp_path / "libtcmalloc_minimal.so.4"
+    library.write_bytes(b"")
+    env = allocator.launch_env({"DELTAFIT_ALLOCATOR": str(library), "LD_PRELOAD": "/a/libfoo.so"})
+    assert env["LD_PRELOAD"] == f"{library}:/a/libfoo.so"
     assert env[allocator.TRIED] == "1" and int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) > 2**40
     assert allocator.launch_env(env) is None  # the re-executed process does not go round again
     assert allocator.launch_env({"DELTAFIT_ALLOCATOR": "system"}) is None
@@ -169,9 +171,28 @@ def test_only_the_process_command_line_reexecutes(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "argv", ["deltafit", "train", "r.yaml", "--set", "train.lr=1"])
     with pytest.raises(SystemExit):
         cli.main()
+    assert calls == []  # a DELTAFIT_ALLOCATOR path that is not a file is a user error (exit 2), not a preload
+    (tmp_path / "libtcmalloc_minimal.so.4").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        cli.main()
     (executable, argv, env), = calls
     assert argv == [sys.executable, "-m", "deltafit", "train", "r.yaml", "--set", "train.lr=1"]
     assert env["LD_PRELOAD"].startswith(str(tmp_path / "libtcmalloc_minimal.so.4"))
+
+
+def test_a_missing_allocator_library_is_a_clear_user_error(monkeypatch, capsys):
+    import deltafit.cli as cli
+
+    monkeypatch.setenv("DELTAFIT_ALLOCATOR", "/nowhere/libtcmalloc.so")
+    monkeypatch.delenv(allocator.TRIED, raising=False)
+    monkeypatch.setattr(allocator, "loaded", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["deltafit", "train", "r.yaml"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "DELTAFIT_ALLOCATOR='/nowhere/libtcmalloc.so' is not a file" in err and "system" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("choice", ["auto", "system"])
