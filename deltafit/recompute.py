@@ -10,7 +10,7 @@ less (a third of the MLP's kept activations) for about 0.1% more compute. The va
 of the forward pass, bit for bit: the same op on the same tensor under the same autocast state.
 
 Only activation modules known to be deterministic elementwise functions of their one input are
-touched (`RECOMPUTABLE`); an output or input changed in place, an in-place activation, or an
+touched (`recomputable_types`); an output or input changed in place, an in-place activation, or an
 output that is no longer the tensor autograd sees keeps the plain path. Inside gradient
 checkpointing, torch's own hooks take precedence and these do nothing.
 """

@@ -229,13 +229,15 @@ def test_lean_dropout_is_bit_identical_to_torch_dropout():
 
 
 def test_lean_dropout_keeps_a_bool_mask_not_the_float_noise():
-    from deltafit.deltas._lowrank import lean_dropout
+    from deltafit.deltas._lowrank import LowRankUpdate
 
     saved = []
+    update = LowRankUpdate(32, 8, r=4, scale=2.0, dropout=0.5).train()
     x = torch.randn(64, 32, requires_grad=True)
-    dropout = torch.nn.Dropout(0.5).train()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        lean_dropout(dropout, x).sum().backward()
-    assert [t.dtype for t in saved] == [torch.bool]
-    dropout.eval()
-    assert lean_dropout(dropout, x) is x  # eval: dropout is the identity
+        update(x).sum().backward()
+    # The dropout's own trace is a bool mask: no float noise and no dropped-out copy of x is kept.
+    assert [t.dtype for t in saved if t.shape == x.shape] == [torch.float32, torch.bool]
+    assert any(t is x for t in saved)
+    update.eval()  # eval: dropout is the identity
+    assert torch.equal(update(x), (x @ update.A.t()) @ update.B.t() * update.scale)

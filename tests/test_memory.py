@@ -112,14 +112,22 @@ def test_recompute_refuses_an_activation_input_changed_in_place():
 
 
 def test_recompute_remembers_nothing_outside_a_training_forward():
+    class Counting(dict):  # entries are keyed by storage address, which a freed output may hand on
+        stores = 0
+
+        def __setitem__(self, key, value):
+            self.stores += 1
+            super().__setitem__(key, value)
+
     model = _tiny_llama()
     recomputed = RecomputedActivations().attach(model)
+    recomputed._outputs = Counting()
     ids = torch.randint(0, 120, (2, 7))
     model(input_ids=ids, labels=ids).loss.backward()  # not inside active(): hooks must hold nothing
-    assert recomputed._outputs == {}
+    assert recomputed._outputs == {} and recomputed._outputs.stores == 0
     with recomputed.active():
         model(input_ids=ids, labels=ids).loss
-        assert len(recomputed._outputs) == 2
+        assert recomputed._outputs and recomputed._outputs.stores == 2  # one per layer
     assert recomputed._outputs == {}  # released when the forward pass ends
     recomputed.detach()
     assert recomputed.hooked == 0

@@ -52,20 +52,6 @@ class LowRankUpdate(nn.Module):
             fold_into(linear, self.delta_weight())
 
 
-def lean_dropout(dropout: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`dropout(x)` with the same values, random draws and gradients, keeping 1 byte per element for backward.
-
-    Off the GPU, torch's dropout multiplies by a float noise tensor (0 or 1/(1-p)) and keeps that
-    noise for backward: 4 bytes per element of every LoRA input, on top of the dropped-out input
-    the A matmul keeps anyway (about 270 MB for q/v LoRA on SmolLM2 at 8 x 256 tokens). The noise is
-    drawn here exactly as torch draws it (`empty_like(x).bernoulli_(1 - p).div_(1 - p)`, then
-    `x * noise`) and only its 0/1 pattern is kept, as bool.
-    """
-    if not _lean_dropout_applies(dropout, x):
-        return dropout(x)
-    return _KeptMaskProduct.apply(x, *_draw_noise(dropout.p, x))
-
-
 def _lean_dropout_applies(dropout: nn.Module, x: torch.Tensor) -> bool:
     p = getattr(dropout, "p", 0.0)
     # On CUDA (and other accelerators) torch's fused dropout already keeps a bool mask, and draws its
@@ -79,26 +65,13 @@ def _draw_noise(p: float, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return noise.bool(), noise.div_(1 - p), 1 - p
 
 
-class _KeptMaskProduct(torch.autograd.Function):
-    """x * noise; backward rebuilds noise from the saved bool mask (bit-identical to the float one)."""
-
-    @staticmethod
-    def forward(ctx, x, keep, noise, q):
-        ctx.save_for_backward(keep)
-        ctx.q = q
-        return x * noise
-
-    @staticmethod
-    def backward(ctx, grad):
-        (keep,) = ctx.saved_tensors
-        return grad * keep.to(grad.dtype).div_(ctx.q), None, None, None
-
-
 class _DroppedDownProjection(torch.autograd.Function):
     """dropout(x) @ A^T keeping x and the bool mask for backward, not the dropped-out copy of x.
 
-    A's gradient needs dropout(x); rebuilt in backward from x and the mask (one multiply) instead
-    of kept. The adapted projections of one layer read the same x (q, k and v; gate and up), so
+    Off the GPU, torch's dropout keeps its float noise (0 or 1/(1-p)) for backward, 4 bytes per
+    element, and the A matmul keeps the dropped-out input as well. Here the noise is drawn exactly
+    as torch draws it (`_draw_noise`) and only its 0/1 pattern is kept, as bool; A's gradient,
+    which needs dropout(x), rebuilds it in backward from x and the mask (one multiply). The adapted projections of one layer read the same x (q, k and v; gate and up), so
     they keep one x between them where each kept its own dropped-out copy: for q/v LoRA on
     SmolLM2 at 8 x 256 tokens, 135 MB less. Values and gradients are torch's, bit for bit (the
     matmuls below are the ones autograd runs for `dropout(x) @ A.t()`).
