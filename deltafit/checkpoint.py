@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 import deltafit
 from deltafit.errors import UserError
+from deltafit.fsutil import TMP_MARK, atomic_dir, sha256_file
 
 FORMAT = "deltafit-checkpoint"
 FORMAT_VERSION = 1
@@ -56,23 +57,18 @@ def save(directory: Path, meta: dict, tensors: dict[str, torch.Tensor], recipe_d
          trainer_state: Optional[dict] = None) -> Path:
     """Write a checkpoint atomically (temp dir + rename); replaces an existing one of that name."""
     directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
-        (tmp / RECIPE).write_text(yaml.safe_dump(recipe_dict, sort_keys=False), encoding="utf-8")
-        if trainer_state is not None:
-            _save_trainer_state(tmp / TRAINER, trainer_state)
-        meta = {**meta, "files": _manifest(tmp)}  # sizes and hashes: a damaged file is caught on load
-        _write_json(tmp / META, meta)  # written last: its presence marks the content complete
-        _fsync_dir(tmp)
-    except OSError as e:  # disk full, quota, permissions: drop the partial copy, keep the old one
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(directory, replace=True, durable=True) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
+            (tmp / RECIPE).write_text(yaml.safe_dump(recipe_dict, sort_keys=False), encoding="utf-8")
+            if trainer_state is not None:
+                _save_trainer_state(tmp / TRAINER, trainer_state)
+            meta = {**meta, "files": _manifest(tmp)}  # sizes and hashes: a damaged file is caught on load
+            _write_json(tmp / META, meta)  # written last: its presence marks the content complete
+    except OSError as e:  # disk full, quota, permissions: the partial copy is gone, the old one kept
         kept = f"; the existing '{directory.name}' is untouched" if directory.exists() else ""
         raise UserError(f"could not write checkpoint '{directory}': {e.strerror or e}{kept}. "
                         f"Free disk space or choose another --output") from None
-    _replace_dir(tmp, directory)
     return directory
 
 
@@ -200,24 +196,14 @@ def damage(directory: Path, meta: dict) -> Optional[str]:
             return f"{name} is missing"
         if path.stat().st_size != want["bytes"]:
             return f"{name} has {path.stat().st_size} bytes, {want['bytes']} were written (truncated?)"
-        if _sha256(path) != want["sha256"]:
+        if sha256_file(path) != want["sha256"]:
             return f"{name} does not match the hash recorded when it was written"
     return None
 
 
 def _manifest(directory: Path) -> dict:
-    return {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    return {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _warn(message: str) -> None:
@@ -231,7 +217,7 @@ def prune(output_dir: Path, keep_last: int) -> None:
     steps = sorted(p for p in checkpoints.iterdir() if p.name.startswith(STEP_PREFIX) and (p / META).is_file())
     for old in steps[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in checkpoints.glob(f".{STEP_PREFIX}*.tmp*"):  # left by a killed save
+    for stale in checkpoints.glob(f".{STEP_PREFIX}*{TMP_MARK}*"):  # left by a killed save
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -320,19 +306,3 @@ def _write_json(path: Path, obj: Any) -> None:
         json.dump(obj, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    for p in directory.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def _replace_dir(tmp: Path, directory: Path) -> None:
-    """Swap tmp into place; an existing checkpoint is moved aside first and removed after."""
-    old = directory.with_name(f".{directory.name}.old{os.getpid()}")
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)

@@ -85,7 +85,7 @@ def export(
     format_: str = typer.Option("peft", "--format", help="Adapter format: peft (adapter_config.json + adapter_model.safetensors)."),
 ):
     """Write a checkpoint as a PEFT adapter (LoRA, rsLoRA, QLoRA, AdaLoRA, VeRA, prefix and prompt tuning), loadable with PeftModel.from_pretrained."""
-    from deltafit.export import export_checkpoint
+    from deltafit.peft_io import export_checkpoint
     from deltafit.report import console
 
     result = export_checkpoint(str(checkpoint), str(output), format_)

@@ -6,14 +6,14 @@ largest logit difference is reported (and too large a difference refuses to save
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from deltafit import checkpoint, deltas
+from deltafit import deltas
 from deltafit.errors import UserError
+from deltafit.fsutil import atomic_dir, new_output_dir
 
 # Texts used to compare merged and unmerged logits when the recipe's data is not at hand. Every
 # merged weight acts on every token, so two short texts (of different lengths: padding and the
@@ -27,7 +27,7 @@ MAX_ALLOWED_DIFF = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.1}
 
 
 def merge_checkpoint(path: str, output: str, dtype: Optional[str] = None, base_model: Optional[str] = None) -> dict:
-    from deltafit.evaluate import about_checkpoint, attach_from_checkpoint, load_source, source_recipe
+    from deltafit.loading import about_checkpoint, attach_from_checkpoint, load_source, source_recipe
     from deltafit.model import build_model
 
     directory, meta, tensors = load_source(path, base_model)
@@ -35,7 +35,7 @@ def merge_checkpoint(path: str, output: str, dtype: Optional[str] = None, base_m
     if not method.mergeable:
         raise UserError(f"method '{meta['method']}' cannot be merged: {method.not_mergeable_because}; "
                         f"use the checkpoint as is with `deltafit eval`")
-    out = _check_output(Path(output), directory)
+    out = new_output_dir(Path(output), directory)
     recipe = source_recipe(directory, meta)
     with about_checkpoint(directory):
         model, tokenizer, _ = build_model(recipe.model, label_names=meta.get("label_names"))
@@ -61,20 +61,8 @@ def _sample_inputs(tokenizer) -> dict:
     return dict(tokenizer(SAMPLE_TEXTS, return_tensors="pt", padding=True))
 
 
-def _check_output(out: Path, source: Path) -> Path:
-    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
-        raise UserError(f"--output '{out}' must not be inside the checkpoint '{source}'")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--output '{out}' exists and is not empty; choose a new directory")
-    return out
-
-
 def _save_pretrained(model, tokenizer, out: Path) -> None:
     """save_pretrained into a temp sibling, renamed into place: no half-written model directory."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import warnings
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from deltafit.errors import UserError
+from deltafit.fsutil import atomic_dir
 
 CACHE_VERSION = 2  # bump when the dequantized cache's layout changes, so stale copies are rebuilt
 TASK_CLASSES = {"causal-lm": "AutoModelForCausalLM", "seq-cls": "AutoModelForSequenceClassification"}
@@ -153,13 +153,11 @@ def _cached_gguf_config(ref: ModelRef) -> Optional[ModelRef]:
 def _write_gguf_config(config, ref: ModelRef) -> None:
     """Cache a GGUF file's parsed config (temp folder renamed into place); best effort: a cache that
     cannot be written only means the header is parsed again next time."""
-    target = _gguf_config_dir(ref)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     try:
-        config.save_pretrained(tmp)
-        tmp.rename(target)
+        with atomic_dir(_gguf_config_dir(ref)) as tmp:
+            config.save_pretrained(tmp)
     except OSError:  # unwritable cache, or another process won the race with an identical copy
-        shutil.rmtree(tmp, ignore_errors=True)
+        pass
 
 
 def meta_model(spec, num_labels: Optional[int] = None):
@@ -210,15 +208,12 @@ def _write_dequantized(gguf: Path, target: Path) -> None:
     plain = AutoModelForCausalLM.from_config(type(loaded.config).from_dict(settings), dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
     # Written beside the target, then renamed: a killed run never leaves a half cache behind.
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
-        tmp.rename(target)
-    except OSError:  # another process won the race: its copy is identical
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(target) as tmp:
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except FileExistsError:  # another process won the race: its copy is identical
+        pass
 
 
 def cache_dir() -> Path:

@@ -58,8 +58,8 @@ def test_merge_saves_a_plain_model_with_equal_logits(lm_run, tmp_path, capsys):
 
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
-    from deltafit.evaluate import attach_from_checkpoint
     from deltafit import checkpoint
+    from deltafit.loading import attach_from_checkpoint
     from deltafit.model import build_model
     from deltafit.recipe import recipe_from_dict
 

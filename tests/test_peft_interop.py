@@ -19,9 +19,9 @@ import torch
 
 from deltafit import checkpoint, deltas
 from deltafit.errors import UserError
-from deltafit.evaluate import attach_from_checkpoint, load_source, source_recipe
-from deltafit.export import export_checkpoint
+from deltafit.loading import attach_from_checkpoint, load_source, source_recipe
 from deltafit.model import build_model
+from deltafit.peft_io import export_checkpoint
 from deltafit.recipe import recipe_from_dict
 from tests.deltas.delta_testkit import make_batch, perturb, quiet_transformers
 from tests.helpers import run_cli, write_recipe

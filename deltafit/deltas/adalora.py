@@ -34,7 +34,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from deltafit.deltas._lowrank import ImportanceEMA, cubic_schedule, fold_into, orthogonality_penalty
+from deltafit.deltas._lowrank import ImportanceEMA, cubic_schedule, orthogonality_penalty
 from deltafit.deltas._targets import find_targets
 from deltafit.deltas.base import Delta, TargetedConfig
 from deltafit.errors import UserError
@@ -123,10 +123,6 @@ class AdaLoRA(Delta):
     @staticmethod
     def _all_kept(update: SVDUpdate) -> torch.Tensor:
         return torch.ones(update.rank, dtype=torch.bool, device="cpu")
-
-    def _merge(self) -> None:
-        for host, _, update in self.insertions.hosts.values():
-            fold_into(host, update.delta_weight())
 
     def expected_trainable_params(self, model: nn.Module) -> int:
         targets = find_targets(model, self.config.target_modules, self.config.layers)

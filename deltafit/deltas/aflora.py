@@ -33,7 +33,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from deltafit.deltas._lowrank import ImportanceEMA, cubic_schedule, fold_into
+from deltafit.deltas._lowrank import ImportanceEMA, cubic_schedule
 from deltafit.deltas._targets import find_targets
 from deltafit.deltas.base import Delta, TargetedConfig
 from deltafit.errors import UserError
@@ -103,10 +103,6 @@ class AFLoRA(Delta):
             update = ScaledLowRankUpdate(linear.in_features, linear.out_features, c.r, c.d_init, c.dropout,
                                          linear.weight.device)
             self.insertions.parallel(name, linear, "aflora", update)
-
-    def _merge(self) -> None:
-        for host, _, update in self.insertions.hosts.values():
-            fold_into(host, update.delta_weight())
 
     def expected_trainable_params(self, model: nn.Module) -> int:
         r = self.config.r

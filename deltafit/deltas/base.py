@@ -202,7 +202,16 @@ class Delta:
         """Undo anything `insertions` does not track (e.g. requires_grad set on base params)."""
 
     def _merge(self) -> None:
-        raise NotImplementedError
+        """The default, for parallel updates (LoRA and its family): every inserted module that has a
+        dense `delta_weight()` (shaped like its host's weight) is folded in, W <- W + delta, through
+        its own `fold(host)` where it has a faster one. Other mergeable methods override this."""
+        from deltafit.deltas._lowrank import fold_into
+
+        for host, _, update in self.insertions.hosts.values():
+            if hasattr(update, "fold"):
+                update.fold(host)
+            elif hasattr(update, "delta_weight"):
+                fold_into(host, update.delta_weight())
 
     def _extra_state(self) -> dict[str, torch.Tensor]:
         """Non-trainable tensors a checkpoint must hold too (buffers, frozen random projections...)."""
@@ -219,7 +228,7 @@ class Delta:
     # -- PEFT interoperability (`deltafit export --format peft`, eval/merge of PEFT adapters) ----
     # PEFT's name for this method ("LORA", "PROMPT_TUNING"...); None where PEFT cannot express it.
     # The generic part (common config fields, task head as modules_to_save, key prefixes, files)
-    # is in deltafit/export.py; a method maps only its own fields and tensors.
+    # is in deltafit/peft_io.py; a method maps only its own fields and tensors.
     peft_type: ClassVar[Optional[str]] = None
 
     @classmethod

@@ -39,7 +39,7 @@ from typing import Any, Literal
 from pydantic import Field
 from torch import nn
 
-from deltafit.deltas._lowrank import SpectralUpdate, columns_frozen, fold_into
+from deltafit.deltas._lowrank import SpectralUpdate, columns_frozen
 from deltafit.deltas._targets import find_targets
 from deltafit.deltas.base import Delta, TargetedConfig
 from deltafit.errors import UserError
@@ -82,10 +82,6 @@ class LaMDA(Delta):
     def load_schedule_state(self, state: dict[str, Any]) -> None:
         for key, count in state.get("frozen_columns", {}).items():
             self.insertions.hosts[key][2].freeze(int(count))
-
-    def _merge(self) -> None:
-        for host, _, update in self.insertions.hosts.values():
-            fold_into(host, update.delta_weight())
 
     def expected_trainable_params(self, model: nn.Module) -> int:
         c = self.config

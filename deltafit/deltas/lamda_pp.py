@@ -82,11 +82,10 @@ class LaMDAPlusPlus(Delta):
             check_rank(name, linear, c.ranks[name], key=f"delta.ranks.{name}")
         return dict(c.ranks)
 
-    # The B-freezing schedule, its saved state and the fold are LaMDA's, unchanged: only the ranks differ.
+    # The B-freezing schedule and its saved state are LaMDA's (the fold is the base class's): only the ranks differ.
     on_step_end = LaMDA.on_step_end
     schedule_state = LaMDA.schedule_state
     load_schedule_state = LaMDA.load_schedule_state
-    _merge = LaMDA._merge
 
     def expected_trainable_params(self, model: nn.Module) -> int:
         c = self.config

@@ -40,10 +40,6 @@ class LoRA(Delta):
             update = LowRankUpdate(linear.in_features, linear.out_features, c.r, scale, c.dropout, linear.weight.device)
             self.insertions.parallel(name, linear, "lora", update)
 
-    def _merge(self) -> None:
-        for host, _, update in self.insertions.hosts.values():
-            update.fold(host)
-
     def expected_trainable_params(self, model: nn.Module) -> int:
         targets = find_targets(model, self.config.target_modules, self.config.layers)
         return sum(self.config.r * (m.in_features + m.out_features) for m in targets.values())

@@ -62,10 +62,6 @@ class LoRAFA(Delta):
     peft_type = LoRA.peft_type
     to_peft = LoRA.to_peft
 
-    def _merge(self) -> None:
-        for host, _, update in self.insertions.hosts.values():
-            update.fold(host)
-
     def expected_trainable_params(self, model: nn.Module) -> int:
         targets = find_targets(model, self.config.target_modules, self.config.layers)
         return sum(self.config.r * m.out_features for m in targets.values())

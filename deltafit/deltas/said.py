@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from deltafit.deltas._lowrank import fold_into
 from deltafit.deltas._targets import find_targets
 from deltafit.deltas.base import Delta, TargetedConfig
 
@@ -167,10 +166,6 @@ class SAID(Delta):
 
     def _layers(self):
         return [(host, update) for host, _, update in self.insertions.hosts.values() if isinstance(update, SAIDUpdate)]
-
-    def _merge(self) -> None:
-        for host, update in self._layers():
-            fold_into(host, update.delta_weight())
 
     def expected_trainable_params(self, model: nn.Module) -> int:
         return self.config.dimension + len(find_targets(model, self.config.target_modules, self.config.layers))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from deltafit.deltas._lowrank import fold_into, seeded_kaiming_uniform
+from deltafit.deltas._lowrank import seeded_kaiming_uniform
 from deltafit.deltas._targets import find_targets
 from deltafit.deltas.base import Delta, TargetedConfig
 from deltafit.errors import UserError
@@ -108,10 +108,6 @@ class VeRA(Delta):
 
     def _layers(self):
         return [(host, update) for host, _, update in self.insertions.hosts.values() if isinstance(update, VeRAUpdate)]
-
-    def _merge(self) -> None:
-        for host, update in self._layers():
-            fold_into(host, update.delta_weight())
 
     def expected_trainable_params(self, model: nn.Module) -> int:
         targets = find_targets(model, self.config.target_modules, self.config.layers)

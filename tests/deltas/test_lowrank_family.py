@@ -91,6 +91,7 @@ def test_vera_reload_from_checkpoint_reproduces_logits(llama, tmp_path):
 def test_vera_matches_peft(llama):
     """Same seed -> PEFT's projections; same vectors -> PEFT's logits (the reference implementation)."""
     from peft import VeraConfig, get_peft_model
+
     from deltafit.deltas.vera import VeRAUpdate
 
     model, delta = attach(llama, "vera", r=16, projection_seed=5)
@@ -261,7 +262,7 @@ def test_cli_train_then_merge_gives_equal_logits(method, options, tmp_path, tiny
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from deltafit import checkpoint
-    from deltafit.evaluate import attach_from_checkpoint
+    from deltafit.loading import attach_from_checkpoint
     from deltafit.model import build_model
     from deltafit.recipe import recipe_from_dict
     from tests.helpers import run_cli, write_recipe

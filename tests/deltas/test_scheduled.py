@@ -18,9 +18,9 @@ from deltafit import checkpoint, deltas
 from deltafit.errors import UserError
 from deltafit.recipe import TrainSpec, validate_delta
 from deltafit.train import build_optimizer, build_scheduler
+from tests.helpers import run_cli, write_recipe
 
 from delta_testkit import forward, load_arch, make_batch
-from tests.helpers import run_cli, write_recipe
 
 
 @pytest.fixture(scope="module")

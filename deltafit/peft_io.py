@@ -17,8 +17,6 @@ as is; on import it reaches `from_peft` under that full key.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +25,7 @@ import torch
 from deltafit import checkpoint, deltas
 from deltafit.deltas.base import HEAD_PREFIX
 from deltafit.errors import UserError
+from deltafit.fsutil import atomic_dir, new_output_dir
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -45,9 +44,10 @@ def export_checkpoint(path: str, output: str, fmt: str = "peft") -> dict:
     """Write the checkpoint at `path` as a PEFT adapter directory `output`."""
     if fmt != "peft":
         raise UserError(f"--format '{fmt}' is not supported; valid: peft")
-    directory = checkpoint.find_checkpoint(path)
-    meta, tensors = checkpoint.load(directory)
-    out = _new_output(Path(output), directory)
+    from deltafit.loading import load_checkpoint
+
+    directory, meta, tensors = load_checkpoint(path)
+    out = new_output_dir(Path(output), directory)
     method = deltas.get(meta["method"])
     config = method.Config.model_validate(meta["delta_config"])
     own = {k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}
@@ -98,27 +98,14 @@ def _tensor_prefix(peft_type: str) -> str:
     return "base_model." if peft_type in PROMPT_LEARNING else "base_model.model."
 
 
-def _new_output(out: Path, source: Path) -> Path:
-    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
-        raise UserError(f"--output '{out}' must not be inside the checkpoint '{source}'")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--output '{out}' exists and is not empty; choose a new directory")
-    return out
-
-
 def _write_adapter(out: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Both files into a temp sibling, renamed into place: never a half-written adapter."""
     from safetensors.torch import save_file
 
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS),
-              metadata={"format": "pt"})  # PEFT writes (and transformers expects) this marker
-    (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS),
+                  metadata={"format": "pt"})  # PEFT writes (and transformers expects) this marker
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------
