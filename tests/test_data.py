@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import SHARED_DATA
 from deltafit.data import describe_data, load_rows, make_collator, prepare_data
 from deltafit.errors import UserError
 from deltafit.recipe import DataSpec
 
-RTE_DEV = SHARED_DATA / "glue_rte" / "dev.tsv"
-SST2_DEV = SHARED_DATA / "glue_sst2" / "dev.tsv"
-SST2_TRAIN = SHARED_DATA / "glue_sst2" / "train.tsv"
+# The first rows of GLUE files, committed with the tests (tests/fixtures/README.md gives source and counts).
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+RTE_DEV = FIXTURES / "glue_rte_dev_100.tsv"  # 100 rows: 52 entailment, 48 not_entailment
+SST2_DEV = FIXTURES / "glue_sst2_dev_200.tsv"  # 200 rows
+SST2_TRAIN = FIXTURES / "glue_sst2_train_300.tsv"  # 300 rows
 
 NO_INPUT_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -172,16 +174,16 @@ def test_classification_string_labels_and_text_pairs(tok):
     assert data.label_names == ["entailment", "not_entailment"]
     with open(RTE_DEV, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    assert len(data.train) == len(rows) == 277
-    for ex, row in zip(data.train[:20], rows):
+    assert len(data.train) == len(rows) == 100
+    for ex, row in zip(data.train, rows):  # one row has an unbalanced double quote: plain text in a TSV
         assert ex["labels"] == data.label_names.index(row["label"])
         assert ex["input_ids"] == tok(row["sentence1"], row["sentence2"])["input_ids"]
-    assert sum(ex["labels"] for ex in data.train) == 131  # not_entailment rows (SOURCE.md)
+    assert sum(ex["labels"] for ex in data.train) == 48  # not_entailment rows (fixtures/README.md)
 
 
 def test_classification_numeric_labels_from_tsv(tok):
     data = prep(tok, "seq-cls", train=str(SST2_DEV), format="classification", text_column="sentence", max_length=4096)
-    assert data.label_names == ["0", "1"] and len(data.train) == 872
+    assert data.label_names == ["0", "1"] and len(data.train) == 200
     with open(SST2_DEV, encoding="utf-8", newline="") as f:
         labels = [int(r["label"]) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
     assert [ex["labels"] for ex in data.train] == labels
@@ -189,8 +191,8 @@ def test_classification_numeric_labels_from_tsv(tok):
 
 def test_numeric_labels_sort_numerically(tok, tmp_path):
     rows = [{"text": f"row {i}", "label": label} for i, label in enumerate([10, 2, 1, 2.0, "10"])]
-    data = prep(tok, "seq-cls", train=str(write_json(tmp_path / "n.json", [dict(r, label=str(r["label"])) for r in rows])),
-                format="classification")
+    path = write_json(tmp_path / "n.json", [dict(r, label=str(r["label"])) for r in rows])
+    data = prep(tok, "seq-cls", train=str(path), format="classification")
     assert data.label_names == ["1", "2", "10"]
     assert [ex["labels"] for ex in data.train] == [2, 1, 0, 1, 2]
 
@@ -237,7 +239,7 @@ def test_classification_truncation_counts(tok):
     data = prep(tok, "seq-cls", train=str(SST2_DEV), format="classification", text_column="sentence", max_length=8)
     full = prep(tok, "seq-cls", train=str(SST2_DEV), format="classification", text_column="sentence", max_length=4096)
     assert data.stats["train_truncated"] == sum(len(ex["input_ids"]) > 8 for ex in full.train) > 0
-    assert all(len(ex["input_ids"]) <= 8 for ex in data.train) and len(data.train) == 872
+    assert all(len(ex["input_ids"]) <= 8 for ex in data.train) and len(data.train) == 200
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,14 +296,14 @@ def test_eval_split_is_routed_to_the_hub_loader(tok, monkeypatch):
     assert len(data.train) == 2 and len(data.eval) == 2 and data.label_names == ["0", "1"]
 
 
-def test_describe_data_on_sst2_is_quick_and_tokenizer_free():
+def test_describe_data_on_sst2_is_tokenizer_free():
     spec = DataSpec(train=str(SST2_TRAIN), eval=str(SST2_DEV), format="classification", text_column="sentence")
     info = describe_data(spec)
-    assert info["train_rows"] == 67349 and info["eval_rows"] == 872
+    assert info["train_rows"] == 300 and info["eval_rows"] == 200
     assert info["columns"] == ["sentence", "label"] and str(SST2_DEV) in info["eval_source"]
     assert info["labels"] == ["0", "1"]
     held = describe_data(spec.model_copy(update={"eval": None, "eval_fraction": 0.1}))
-    assert held["eval_rows"] == 6735 and held["train_rows"] == 67349 - 6735
+    assert held["eval_rows"] == 30 and held["train_rows"] == 300 - 30
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,7 +335,8 @@ def test_collator_pads_right_to_the_longest(tok, alpaca_file):
     assert batch["input_ids"].shape == batch["labels"].shape == (3, long)
     for row, ex in enumerate(data.train[:2] + [data.train[10]]):
         n = len(ex["input_ids"])
-        assert batch["input_ids"][row, :n].tolist() == ex["input_ids"] and batch["labels"][row, :n].tolist() == ex["labels"]
+        assert batch["input_ids"][row, :n].tolist() == ex["input_ids"]
+        assert batch["labels"][row, :n].tolist() == ex["labels"]
         assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (long - n)
         assert (batch["labels"][row, n:] == -100).all() and (batch["input_ids"][row, n:] == 0).all()
     cls = make_collator(7, "seq-cls")([{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": 1},

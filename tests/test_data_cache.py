@@ -1,6 +1,6 @@
 """The tokenized-data cache: a second run reads what the first one built, and a change to anything
 that decides the content (data bytes, tokenizer, chat template, format, columns, max_length,
-packing, masking, the data code) builds a new entry whose content reflects the change.
+packing, masking, any module of the data package) builds a new entry whose content reflects the change.
 
 `stats["data_cache"]` says "built ..." or "hit ..." for each call: that is the build counter."""
 
@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
-from deltafit import data as data_module
+from deltafit.data import cache as data_cache
 from deltafit.data import data_cache_root, prepare_data
 from deltafit.recipe import DataSpec
+
+PACKAGE = Path(data_cache.__file__).resolve().parent  # deltafit/data
+MODULES = sorted(path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py"))
 
 CONVERSATION = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello world"},
                 {"role": "user", "content": "and the cat?"}, {"role": "assistant", "content": "it sat on the mat"}]
@@ -165,10 +170,40 @@ def test_seed_matters_only_when_it_picks_rows(tok, rows_file):
     assert status(new) == "built" and content(new) != content(old)
 
 
-def test_a_change_to_the_data_code_rebuilds(tok, rows_file, monkeypatch):
-    run(tok, rows_file)
-    monkeypatch.setattr(data_module, "_code_fingerprint", lambda: "a newer data.py")
-    assert status(run(tok, rows_file)) == "built"
+@pytest.fixture()
+def package_copy(tmp_path, monkeypatch):
+    """A copy of the data package that the cache key fingerprints instead of the real one."""
+    real = data_cache._code_fingerprint()
+    copy = tmp_path / "copy-of-data-package"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(data_cache, "PACKAGE_DIR", copy)
+    assert data_cache._code_fingerprint() == real  # module names and bytes, not where they are
+    return copy
+
+
+def test_the_code_fingerprint_covers_the_whole_package():
+    assert {"__init__.py", "cache.py", "collate.py", "formats.py", "packing.py", "prepare.py", "sources.py",
+            "splits.py"} <= set(MODULES)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_a_change_to_any_module_of_the_data_code_rebuilds(tok, rows_file, package_copy, module):
+    first = run(tok, rows_file)
+    assert status(run(tok, rows_file)) == "hit"
+    with open(package_copy / module, "a", encoding="utf-8") as f:
+        f.write("\n# a change\n")
+    again = run(tok, rows_file)
+    assert status(again) == "built" and content(again) == content(first)
+
+
+def test_renamed_or_added_modules_change_the_code_fingerprint(package_copy):
+    before = data_cache._code_fingerprint()
+    (package_copy / "formats.py").rename(package_copy / "formats_v2.py")  # same bytes, another name
+    renamed = data_cache._code_fingerprint()
+    (package_copy / "formats_v2.py").rename(package_copy / "formats.py")
+    assert renamed != before == data_cache._code_fingerprint()
+    (package_copy / "extra.py").write_text("")
+    assert data_cache._code_fingerprint() != before
 
 
 def test_classification_labels_come_back_from_the_cache(tok, tmp_path):

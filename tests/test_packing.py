@@ -67,7 +67,8 @@ def segments(row):
 def per_token_losses(logits, labels):
     """Cross-entropy of every next-token target (NaN-free: -100 targets get 0 and are not counted)."""
     targets = labels[..., 1:]
-    losses = torch.nn.functional.cross_entropy(logits[..., :-1, :].transpose(1, 2), targets.clamp(min=0), reduction="none")
+    losses = torch.nn.functional.cross_entropy(logits[..., :-1, :].transpose(1, 2), targets.clamp(min=0),
+                                               reduction="none")
     return losses * (targets != IGNORE_INDEX), (targets != IGNORE_INDEX)
 
 
@@ -231,7 +232,8 @@ def test_stats_report_rows_and_padding_before_and_after(tok, completion_file):
 def test_packing_is_the_causal_lm_default_and_refused_where_it_cannot_work():
     from deltafit import deltas
 
-    auto, on, off = DataSpec(train="x.json"), DataSpec(train="x.json", packing=True), DataSpec(train="x.json", packing=False)
+    auto = DataSpec(train="x.json")
+    on, off = DataSpec(train="x.json", packing=True), DataSpec(train="x.json", packing=False)
     assert resolve_packing(auto, "causal-lm", deltas.get("lora")) is None  # decided on the data, below
     assert resolve_packing(on, "causal-lm", deltas.get("lora")) is True
     assert resolve_packing(auto, "seq-cls") is False  # classification recipes need not say anything
@@ -252,7 +254,8 @@ def test_by_default_rows_are_packed_where_that_saves_compute(tok, completion_fil
     # Examples of about the same length, each over half of max_length: no two share a row, and
     # packing would save nothing, so the default leaves them unpacked (and says why in the stats).
     same = tmp_path / "same.jsonl"
-    same.write_text("\n".join(json.dumps({"prompt": "the cat", "text": " sat on the mat" * (3 + i % 2)}) for i in range(8)))
+    rows = ({"prompt": "the cat", "text": " sat on the mat" * (3 + i % 2)} for i in range(8))
+    same.write_text("\n".join(json.dumps(row) for row in rows))
     lengths = [len(ex["input_ids"]) for ex in prepared(tok, same, False).train]
     spec["max_length"] = int(1.6 * min(lengths))
     assert 2 * min(lengths) > spec["max_length"] >= max(lengths)

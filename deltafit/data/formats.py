@@ -1,0 +1,254 @@
+"""Encoding: rows -> tokenized, masked, truncated examples, one encoder per `data.format`.
+
+Causal-LM formats (alpaca, chat, completion) are built from segments: (text, trained) pairs
+tokenized separately and joined, so the prompt/response boundary is exact in token space (no
+offset mapping or re-tokenizing of prefixes). Prompt segments get label -100 unless
+`data.train_on_inputs`; EOS ends every response (chat responses end with whatever the chat
+template closes an assistant turn with). Classification encodes text (and text pairs) with the
+tokenizer's own special tokens and maps labels to ids (`_label_names_from`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Optional
+
+from deltafit.errors import UserError, did_you_mean
+
+IGNORE_INDEX = -100  # label value the loss skips (torch CrossEntropyLoss ignore_index)
+CAUSAL_FORMATS = ("alpaca", "chat", "completion")
+
+# The Stanford Alpaca prompts, verbatim, so models tuned here match the usual Alpaca inference prompt.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def _encode_split(ds, name: str, key: str, encode, stats: dict) -> Optional[list[dict]]:
+    """Encode one split, then truncate and drop, recording the counts under `<name>_*` in stats."""
+    for suffix in ("rows", "examples", "truncated", "dropped", "tokens"):
+        stats[f"{name}_{suffix}"] = None
+    if ds is None:
+        return None
+    examples, truncated, dropped = encode(ds, key)
+    stats.update({f"{name}_rows": len(ds), f"{name}_examples": len(examples), f"{name}_truncated": truncated,
+                  f"{name}_dropped": dropped, f"{name}_tokens": sum(len(ex["input_ids"]) for ex in examples)})
+    return examples
+
+
+def _encode_causal(ds, spec, tokenizer):
+    """Rows -> (examples, truncated count, dropped count) for the alpaca, chat and completion formats."""
+    rows = _segments(ds, spec, tokenizer)
+    texts = [text for segments in rows for text, _ in segments]
+    flat = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+    bos, eos = _bos_prefix(tokenizer), tokenizer.eos_token_id
+    examples, truncated, dropped, at = [], 0, 0, 0
+    for segments in rows:
+        ids, labels = [], []
+        for _, trained in segments:
+            piece, at = flat[at], at + 1
+            ids += piece
+            labels += piece if (trained or spec.train_on_inputs) else [IGNORE_INDEX] * len(piece)
+        if spec.format != "chat" and eos is not None:
+            ids, labels = ids + [eos], labels + [eos]  # the response ends: teach the model to stop
+        if bos and ids[: len(bos)] != bos:  # chat templates often write BOS themselves
+            ids, labels = bos + ids, [IGNORE_INDEX] * len(bos) + labels
+        if len(ids) > spec.max_length:
+            truncated += 1
+            ids, labels = ids[: spec.max_length], labels[: spec.max_length]
+        # Position 0 is never a target (the model shifts labels by one), so it alone does not count.
+        if all(label == IGNORE_INDEX for label in labels[1:]):
+            dropped += 1
+            continue
+        examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return examples, truncated, dropped
+
+
+def _bos_prefix(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before text by default (usually [BOS] or nothing)."""
+    probe = "a"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start: start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
+def _segments(ds, spec, tokenizer) -> list[list[tuple[str, bool]]]:
+    """Per row, the (text, trained) pieces of the example in order."""
+    if spec.format == "alpaca":
+        return _alpaca_segments(ds, spec)
+    if spec.format == "chat":
+        _require_chat_template(tokenizer)
+        return [_chat_segments(tokenizer, messages, spec) for messages in _column(ds, spec.messages_column)]
+    texts = [_text(t) for t in _column(ds, spec.text_column)]
+    if not spec.prompt_column:
+        return [[(text, True)] for text in texts]
+    return [[(_text(p), False), (text, True)] for p, text in zip(_column(ds, spec.prompt_column), texts)]
+
+
+def _alpaca_segments(ds, spec) -> list[list[tuple[str, bool]]]:
+    instructions = [_text(v) for v in _column(ds, spec.instruction_column)]
+    outputs = [_text(v) for v in _column(ds, spec.output_column)]
+    has_input = spec.input_column in ds.column_names
+    inputs = [_text(v) for v in _column(ds, spec.input_column)] if has_input else [""] * len(ds)
+    rows = []
+    for instruction, inp, output in zip(instructions, inputs, outputs):
+        if inp.strip():
+            prompt = ALPACA_PROMPT.format(instruction=instruction, input=inp)
+        else:
+            prompt = ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+        rows.append([(prompt, False), (output, True)])
+    return rows
+
+
+def _require_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "the model's tokenizer"
+        raise UserError(f"recipe key 'data.format': 'chat' needs a tokenizer with a chat template and '{name}' has "
+                        f"none (use data.format completion or alpaca, or set model.tokenizer to one with a template)")
+
+
+def _chat_segments(tokenizer, messages, spec) -> list[tuple[str, bool]]:
+    """Split a rendered conversation into prompt pieces and assistant turns.
+
+    Each assistant turn spans from the end of render(turns before it, add_generation_prompt) to
+    the end of render(turns up to and including it): exactly the text the model must write,
+    including the template's end-of-turn marker.
+    """
+    messages = _clean_messages(messages, spec)
+    whole = _render(tokenizer, messages, False)
+    if spec.train_on_inputs:
+        return [(whole, True)]
+    segments, done = [], ""
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], True) if i else _render_start(tokenizer, messages)
+        reply = _render(tokenizer, messages[: i + 1], False)
+        if not (prompt.startswith(done) and reply.startswith(prompt) and whole.startswith(reply)):
+            raise UserError("recipe key 'data.format': the tokenizer's chat template does not render conversations "
+                            "prefix by prefix, so assistant turns cannot be located; set data.train_on_inputs: true")
+        segments += [(prompt[len(done):], False), (reply[len(prompt):], True)]
+        done = reply
+    return segments + [(whole[len(done):], False)]
+
+
+def _render_start(tokenizer, messages) -> str:
+    # A conversation opening with an assistant turn: some templates refuse an empty list.
+    try:
+        return _render(tokenizer, [], True)
+    except UserError:
+        return ""
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja raises its own errors (e.g. "roles must alternate") for bad conversations
+        raise UserError(f"recipe key 'data.messages_column': the chat template rejected a conversation "
+                        f"({type(e).__name__}: {str(e)[:200]}): {str(messages)[:120]}") from None
+
+
+def _clean_messages(messages, spec) -> list[dict]:
+    if isinstance(messages, str):  # CSV/TSV cells can only hold the list as JSON text
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise UserError(f"recipe key 'data.messages_column': column '{spec.messages_column}' must hold lists of "
+                        f"{{role, content}} messages, got {str(messages)[:120]}")
+    # Arrow gives every message every key seen in the column, with None where it had none.
+    return [{k: v for k, v in m.items() if v is not None} for m in messages]
+
+
+def _column(ds, name: str) -> list:
+    # Through Arrow: iterating a datasets Column formats row by row (seconds for SST-2's 67k rows).
+    return ds.with_format("arrow")[name].to_pylist()
+
+
+def _text(value) -> str:
+    return "" if value is None else value if isinstance(value, str) else str(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Classification
+
+
+def _label_key(value) -> str:
+    """A label as the string stored in label_names; numbers are normalized so 1, 1.0 and '1' agree."""
+    if isinstance(value, bool):
+        return str(value)
+    text = value.strip() if isinstance(value, str) else str(value)
+    number = _as_number(text)
+    if number is not None and number.is_integer():
+        return str(int(number))
+    return text
+
+
+def _as_number(text: str) -> Optional[float]:
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _labels_of(ds, spec, key: str) -> list[str]:
+    values = _column(ds, spec.label_column)
+    empty = [i for i, v in enumerate(values) if v is None or v == ""]
+    if empty:
+        # Rows may be shuffled by now, so the row is named by its text rather than its position.
+        text = _column(ds, spec.text_column)[empty[0]] if spec.text_column in ds.column_names else None
+        example = f" (e.g. the row whose {spec.text_column} is {str(text)[:60]!r})" if text is not None else ""
+        raise UserError(f"recipe key 'data.label_column': {len(empty)} row(s) of {key} have no value in column "
+                        f"'{spec.label_column}'{example}; every row needs a label")
+    return [_label_key(v) for v in values]
+
+
+def _label_names_from(ds, spec, key: str) -> list[str]:
+    """The sorted, deterministic id -> label list: numerically when every label is a number."""
+    distinct = set(_labels_of(ds, spec, key))
+    if all(_as_number(label) is not None for label in distinct):
+        names = sorted(distinct, key=float)
+    else:
+        names = sorted(distinct)
+    if len(names) < 2:
+        raise UserError(f"recipe key 'data.label_column': column '{spec.label_column}' has only one distinct "
+                        f"value in {key} ({', '.join(names)}); classification needs at least two classes")
+    return names
+
+
+def _encode_classification(ds, spec, tokenizer, label_names: list[str], key: str):
+    """Rows -> (examples, truncated count, dropped count); the tokenizer adds its own [CLS]/[SEP]."""
+    index = {str(name): i for i, name in enumerate(label_names)}
+    labels = []
+    for label in _labels_of(ds, spec, key):
+        if label not in index:
+            raise UserError(f"recipe key 'data.label_column': label '{label}' in {key} is not one of the model's "
+                            f"labels ({', '.join(index)}){did_you_mean(label, index)}")
+        labels.append(index[label])
+    texts = [_text(v) for v in _column(ds, spec.text_column)]
+    pairs = [_text(v) for v in _column(ds, spec.text_pair_column)] if spec.text_pair_column else None
+    encoded = tokenizer(texts, pairs, verbose=False)["input_ids"]
+    # Long rows are re-encoded with the tokenizer's own truncation, which keeps the closing
+    # special tokens and trims the longer text of a pair instead of cutting the pair's tail.
+    long = [i for i, ids in enumerate(encoded) if len(ids) > spec.max_length]
+    if long:
+        cut = tokenizer([texts[i] for i in long], [pairs[i] for i in long] if pairs else None,
+                        truncation=True, max_length=spec.max_length, verbose=False)["input_ids"]
+        for i, ids in zip(long, cut):
+            encoded[i] = ids
+    examples = [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": label}
+                for ids, label in zip(encoded, labels)]
+    return examples, len(long), 0

@@ -1,0 +1,115 @@
+"""The data pipeline, top to bottom: `prepare_data` (for training and evaluation) and
+`describe_data` (for `deltafit validate`); see the package docstring for the modules it calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from deltafit.data.cache import _cache_key, _read_cache, _write_cache, data_cache_root
+from deltafit.data.formats import _encode_causal, _encode_classification, _encode_split, _label_names_from
+from deltafit.data.packing import (
+    _lengths,
+    _packing_pays,
+    _padding_fraction,
+    pack_examples,
+    padding_stats,
+    resolve_packing,
+)
+from deltafit.data.splits import _load_splits, check_task
+
+
+@dataclass
+class Prepared:
+    """Tokenized examples ready for `make_collator`, plus what the checkpoint and logs need."""
+
+    train: Optional[list[dict]]
+    eval: Optional[list[dict]]
+    label_names: Optional[list[str]]  # classification: id -> original label (as str)
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def packed(self) -> bool:
+        """Training rows hold several examples each (see `pack_examples`)."""
+        return bool(self.train) and "position_ids" in self.train[0]
+
+
+def prepare_data(spec, tokenizer, task: str, seed: int, label_names: Optional[list[str]] = None,
+                 want_train: bool = True, batch_size: Optional[int] = None) -> Prepared:
+    """Load, format, tokenize, mask and pack the recipe's data (`spec` is the recipe's `DataSpec`),
+    or read the same result from the cache. `batch_size` only adds padding figures to the stats."""
+    check_task(spec, task)
+    packing = resolve_packing(spec, task)
+    args = (tokenizer, task, seed, label_names, want_train)
+    prepared = _cached(spec.model_copy(update={"packing": bool(packing)}), *args)
+    if packing is None and want_train and prepared.train:
+        prepared = _pack_if_it_pays(prepared, spec, args, batch_size or 8)
+    if batch_size and prepared.train:
+        prepared.stats.update(padding_stats(prepared.train, batch_size, seed))
+    return prepared
+
+
+def describe_data(spec) -> dict:
+    """Row counts and columns without a tokenizer, for `deltafit validate` (checks columns too)."""
+    splits = _load_splits(spec, seed=0, want_train=True)  # the seed changes which rows, not how many
+    info = {
+        "train_rows": len(splits.train),
+        "eval_rows": None if splits.eval is None else len(splits.eval),
+        "eval_source": splits.eval_source,
+        "columns": list(splits.train.column_names),
+    }
+    if spec.format == "classification":
+        info["labels"] = _label_names_from(splits.train, spec, "data.train")  # sizes the head in `validate`
+    return info
+
+
+def _cached(spec, tokenizer, task: str, seed: int, label_names, want_train: bool, build=None) -> Prepared:
+    """The prepared data from the cache, else built (by `build`, default: from the rows) and cached."""
+    key = _cache_key(spec, tokenizer, task, seed, label_names, want_train) if spec.cache else None
+    entry = _read_cache(key) if key else None
+    prepared, status = (Prepared(*entry) if entry else None), "hit"
+    if prepared is None:
+        prepared, status = (build or (lambda: _build(spec, tokenizer, task, seed, label_names, want_train)))(), "built"
+        if key:
+            _write_cache(key, prepared)
+    prepared.stats["data_cache"] = f"{status} {data_cache_root() / key}" if key else "off"
+    return prepared
+
+
+def _build(spec, tokenizer, task: str, seed: int, label_names: Optional[list[str]], want_train: bool) -> Prepared:
+    """The prepared data from the rows: splits, label ids, encoded examples, then packed rows."""
+    splits = _load_splits(spec, seed, want_train)
+    classification = spec.format == "classification"
+    if classification and not label_names:
+        # Ids come from the training labels, so the model's head and every later eval agree.
+        rows, key = (splits.train, "data.train") if splits.train is not None else (splits.eval, splits.eval_key)
+        label_names = _label_names_from(rows, spec, key)
+
+    def encode(ds, key):
+        if classification:
+            return _encode_classification(ds, spec, tokenizer, label_names, key)
+        return _encode_causal(ds, spec, tokenizer)
+
+    stats = {"eval_source": splits.eval_source if splits.eval is not None else None}
+    train = _encode_split(splits.train, "train", "data.train", encode, stats)
+    evaluation = _encode_split(splits.eval, "eval", splits.eval_key, encode, stats)
+    if spec.packing and train:
+        train = pack_examples(train, spec.max_length)
+        stats["train_packed_rows"] = len(train)
+    return Prepared(train, evaluation, label_names if classification else None, stats)
+
+
+def _pack_if_it_pays(unpacked: Prepared, spec, args: tuple, batch_size: int) -> Prepared:
+    """`data.packing` unset: the packed data when packing saves enough compute (`_packing_pays`), else the
+    unpacked data, with the padding packing would have left in its stats."""
+    seed = args[2]
+    rows = pack_examples(unpacked.train, spec.max_length)
+    if _packing_pays(unpacked.train, rows, batch_size, seed):
+        return _cached(spec.model_copy(update={"packing": True}), *args, build=lambda: _with_rows(unpacked, rows))
+    unpacked.stats["train_padding_if_packed"] = _padding_fraction(_lengths(rows), batch_size, seed)
+    return unpacked
+
+
+def _with_rows(prepared: Prepared, rows: list[dict]) -> Prepared:
+    stats = {k: v for k, v in prepared.stats.items() if k != "data_cache"}
+    return Prepared(rows, prepared.eval, prepared.label_names, {**stats, "train_packed_rows": len(rows)})
