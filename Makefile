@@ -23,6 +23,9 @@ test:
 test-slow:
 	$(PY) -m pytest -q -m slow
 
+lint:
+	$(PY) -m ruff check .
+
 test-all:
 	$(PY) -m pytest -q
 

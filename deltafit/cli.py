@@ -33,8 +33,14 @@ SET_HELP = "Override a recipe key, e.g. --set train.lr=1e-4 --set delta.r=16 (re
 def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory (default: recipe's output_dir or runs/<name>)."),
-    resume: Optional[str] = typer.Option(None, "--resume", help="Continue from the latest step checkpoint in the output directory ('--resume'), or from a given one ('--resume PATH')."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Output directory (default: recipe's output_dir or runs/<name>).",
+    ),
+    resume: Optional[str] = typer.Option(
+        None, "--resume",
+        help="Continue from the latest step checkpoint in the output directory ('--resume'), or from a given one "
+        "('--resume PATH').",
+    ),
 ):
     """Fine-tune the recipe's model with its delta method and save a delta-only checkpoint."""
     from deltafit.recipe import load_recipe
@@ -46,11 +52,19 @@ def train(
 @app.command("eval")
 def eval_(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory (or a run directory: its final checkpoint)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Evaluation file or hub dataset (default: the recipe's eval data)."),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="Evaluation file or hub dataset (default: the recipe's eval data).",
+    ),
     split: Optional[str] = typer.Option(None, "--split", help="Split of --data (or of the recipe's data) to score."),
-    base: bool = typer.Option(False, "--base", help="Score the untouched base model on the same data (before/after comparison)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Evaluation batch size (default: the recipe's)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write results JSON here (default: <checkpoint>/eval[-base].json)."),
+    base: bool = typer.Option(
+        False, "--base", help="Score the untouched base model on the same data (before/after comparison).",
+    ),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", min=1, help="Evaluation batch size (default: the recipe's).",
+    ),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Write results JSON here (default: <checkpoint>/eval[-base].json).",
+    ),
     base_model: Optional[str] = typer.Option(None, "--base-model", help=BASE_MODEL_HELP),
 ):
     """Score a checkpoint: loss and perplexity (causal LM), or accuracy, F1 and MCC (classification)."""
@@ -64,9 +78,11 @@ def eval_(
 
 @app.command()
 def merge(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint directory of a mergeable method (LoRA, BitFit, full)."),
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory (or PEFT adapter) of a mergeable method."),
     output: Path = typer.Option(..., "--output", "-o", help="New directory for the merged transformers model."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Save the merged weights as float32, bfloat16 or float16 (default: the base's)."),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="Save the merged weights as float32, bfloat16 or float16 (default: the base's).",
+    ),
     base_model: Optional[str] = typer.Option(None, "--base-model", help=BASE_MODEL_HELP),
 ):
     """Fold the delta into the base weights, check merged == unmerged logits, save a plain model."""
@@ -82,9 +98,11 @@ def merge(
 def export(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory (or a run directory: its final checkpoint)."),
     output: Path = typer.Option(..., "--output", "-o", help="New directory for the exported adapter."),
-    format_: str = typer.Option("peft", "--format", help="Adapter format: peft (adapter_config.json + adapter_model.safetensors)."),
+    format_: str = typer.Option(
+        "peft", "--format", help="Adapter format: peft (adapter_config.json + adapter_model.safetensors).",
+    ),
 ):
-    """Write a checkpoint as a PEFT adapter (LoRA, rsLoRA, QLoRA, AdaLoRA, VeRA, prefix and prompt tuning), loadable with PeftModel.from_pretrained."""
+    """Write a checkpoint as a PEFT adapter, loadable with PeftModel.from_pretrained."""
     from deltafit.peft_io import export_checkpoint
     from deltafit.report import console
 
@@ -120,6 +138,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     argv = _bare_resume(list(sys.argv[1:] if argv is None else argv))
     _quiet_import_warnings()
     try:
+        _method_lists_in_help(argv)
         if own_command_line and argv[:1] == ["train"] and not {"--help", "-h"} & set(argv):
             from deltafit.allocator import reexec_with_allocator
 
@@ -136,9 +155,30 @@ def main(argv: Optional[list[str]] = None) -> None:
     except _click_errors() as e:
         e.show()
         sys.exit(e.exit_code)
-    except (KeyboardInterrupt, _click_abort()):
+    except (KeyboardInterrupt, *_click_abort()):
         typer.secho("interrupted", fg="yellow", err=True)
         sys.exit(130)
+
+
+# Help pages that list the methods a command accepts, from the registry's lines (cheap: no method
+# module is imported).
+METHOD_LISTS = {
+    "merge": ("Methods that merge", lambda entry: entry.mergeable),
+    "export": ("Methods PEFT can express", lambda entry: entry.peft_type is not None),
+}
+
+
+def _method_lists_in_help(argv: list[str]) -> None:
+    command = argv[0] if argv else None
+    if command not in METHOD_LISTS or not {"--help", "-h"} & set(argv):
+        return
+    from deltafit.deltas import METHODS
+
+    title, accepts = METHOD_LISTS[command]
+    names = [name for name, entry in METHODS.items() if accepts(entry)]
+    for info in app.registered_commands:
+        if (info.name or info.callback.__name__) == command:
+            info.help = f"{info.callback.__doc__.strip()}\n\n{title}: {', '.join(names)}."
 
 
 def _quiet_import_warnings() -> None:
@@ -151,16 +191,25 @@ def _quiet_import_warnings() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _click_errors():
+def _click_exception_modules() -> list:
+    """Where the usage errors come from: typer >= 0.24 raises those of its own bundled copy of click
+    (typer._click), older typers click's own; both are caught, so no usage error is a traceback."""
     import click
 
-    return (click.ClickException,)
+    modules = [click.exceptions]
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        return modules
+    return modules + [exceptions]
 
 
-def _click_abort():
-    import click
+def _click_errors() -> tuple:
+    return tuple(m.ClickException for m in _click_exception_modules())
 
-    return click.exceptions.Abort
+
+def _click_abort() -> tuple:
+    return tuple(m.Abort for m in _click_exception_modules())
 
 
 def _bare_resume(argv: list[str]) -> list[str]:

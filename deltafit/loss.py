@@ -58,7 +58,8 @@ def supports_chunked_loss(model: nn.Module) -> bool:
         return False
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if any(getattr(c, name, None) not in (None, 1, 1.0) for c in (config, text_config) for name in POST_HEAD_TRANSFORMS):
+    if any(getattr(c, name, None) not in (None, 1, 1.0)
+           for c in (config, text_config) for name in POST_HEAD_TRANSFORMS):
         return False
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 

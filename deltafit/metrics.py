@@ -43,7 +43,8 @@ class MetricsLog:
         total = sum(p.numel() for p in delta.model.parameters())
         console.print(f"[bold]{delta.name}[/]: {trainable:,} trainable / {total:,} parameters "
                       f"({100 * trainable / total:.4f}%), {total_steps} steps"
-                      + (f" on {self.accelerator.num_processes} processes" if self.accelerator.num_processes > 1 else "")
+                      + (f" on {self.accelerator.num_processes} processes"
+                         if self.accelerator.num_processes > 1 else "")
                       + (f", resuming from {resume_from}" if resume_from else "") + f"; malloc: {describe()}")
         shown = {k: v for k, v in stats.items() if v and not k.startswith("train_padding")}
         console.print("data: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
@@ -98,7 +99,8 @@ class MetricsLog:
 
     def done(self, final: Path) -> None:
         if self.main:
-            console.print(f"[green]saved[/] {final}\n  evaluate: deltafit eval {final}\n  compare:  deltafit eval {final} --base")
+            console.print(f"[green]saved[/] {final}\n  evaluate: deltafit eval {final}"
+                          f"\n  compare:  deltafit eval {final} --base")
 
     def _write(self, record: dict) -> None:
         if self.path:
@@ -121,8 +123,9 @@ def _packing_line(stats: dict) -> str:
 
 
 def _progress_bar() -> Progress:
-    return Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+    return Progress(TextColumn("[bold blue]{task.description}"), BarColumn(),
+                    TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                     console=console, transient=False)
 
 

@@ -72,7 +72,8 @@ def _resolve_local(path: Path, gguf_file: Optional[str], name: str) -> ModelRef:
     if gguf_file or len(ggufs) == 1:
         chosen = gguf_file or ggufs[0]
         if not (path / chosen).is_file():
-            raise UserError(f"recipe key 'model.gguf_file': '{chosen}' is not in {path} (found: {', '.join(ggufs) or 'none'})")
+            raise UserError(f"recipe key 'model.gguf_file': '{chosen}' is not in {path} "
+                            f"(found: {', '.join(ggufs) or 'none'})")
         return ModelRef(str(path), chosen, True)
     what = f"several GGUF files ({', '.join(ggufs)}): set model.gguf_file" if ggufs else "no config.json or .gguf file"
     raise UserError(f"recipe key 'model.name': '{name}' holds {what}")
@@ -94,7 +95,9 @@ def build_model(spec, num_labels: Optional[int] = None, label_names: Optional[li
     auto = getattr(transformers, TASK_CLASSES[spec.task])
     try:
         with _quiet_loading():
-            model, info = auto.from_pretrained(ref.path, dtype=getattr(torch, spec.dtype), output_loading_info=True, **kwargs)
+            model, info = auto.from_pretrained(
+                ref.path, dtype=getattr(torch, spec.dtype), output_loading_info=True, **kwargs
+            )
     except (OSError, ValueError) as e:
         raise UserError(f"recipe key 'model.name': could not load '{spec.name}' ({_first_line(e)})") from None
     if model.config.pad_token_id is None:
@@ -115,7 +118,8 @@ def load_tokenizer(spec, ref: Optional[ModelRef] = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **_common_kwargs(spec))
     except (OSError, ValueError) as e:
-        raise UserError(f"recipe key 'model.tokenizer': could not load a tokenizer from '{source}' ({_first_line(e)})") from None
+        raise UserError(f"recipe key 'model.tokenizer': could not load a tokenizer from '{source}' "
+                        f"({_first_line(e)})") from None
     if tokenizer.pad_token is None:
         # Padding positions are masked out by the attention mask and -100 labels, so reusing EOS
         # (or UNK) as the pad id is safe and keeps the vocabulary (and the embeddings) unchanged.
@@ -135,7 +139,8 @@ def load_config(spec):
     try:
         config = AutoConfig.from_pretrained(ref.path, gguf_file=ref.gguf_file, **_common_kwargs(spec))
     except (OSError, ValueError) as e:
-        raise UserError(f"recipe key 'model.name': could not load the config of '{spec.name}' ({_first_line(e)})") from None
+        raise UserError(f"recipe key 'model.name': could not load the config of '{spec.name}' "
+                        f"({_first_line(e)})") from None
     if ref.gguf_file:
         _write_gguf_config(config, ref)
     return config
@@ -217,7 +222,8 @@ def _write_dequantized(gguf: Path, target: Path) -> None:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("DELTAFIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deltafit"
+    root = (os.environ.get("DELTAFIT_CACHE")
+            or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deltafit")
     return Path(root)
 
 

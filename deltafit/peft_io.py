@@ -32,9 +32,6 @@ WEIGHTS = "adapter_model.safetensors"
 TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}
 PROMPT_LEARNING = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CARTRIDGE"}
 ROOT = "base_model."  # keys from `to_peft` that already start with it are PEFT's full keys
-# PEFT types deltafit has no method for, and what to use instead.
-NO_EQUIVALENT = ("deltafit has no method for it; deltafit reads LORA (incl. rsLoRA), ADALORA, VERA, PROMPT_TUNING "
-                 "and PREFIX_TUNING adapters")
 # Config fields that describe the training run rather than the method: a method that leaves one
 # None in `to_peft` gets it from the checkpoint (PEFT's AdaLoRA config must name its run's length).
 RUN_FIELDS = {"total_step": lambda meta: max(1, int(meta.get("step") or 1))}
@@ -168,7 +165,9 @@ def _method_for(peft_type: str, path: Path):
     for cls in deltas.all_methods().values():
         if cls.peft_type == peft_type:
             return cls
-    raise UserError(f"PEFT adapter '{path}': peft_type {peft_type!r} cannot be imported: {NO_EQUIVALENT}")
+    readable = sorted({cls.peft_type for cls in deltas.all_methods().values() if cls.peft_type})
+    raise UserError(f"PEFT adapter '{path}': peft_type {peft_type!r} cannot be imported: deltafit has no method "
+                    f"for it; deltafit reads {', '.join(readable)} adapters")
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -199,7 +198,8 @@ def _split_head(tensors: dict, prefix: str, head_modules: list[str]) -> tuple[di
 
 
 def _num_labels(head: dict, path: Path) -> int:
-    sizes = [v.shape[0] for k, v in head.items() if k.endswith(("classifier.weight", "score.weight", "out_proj.weight"))]
+    sizes = [v.shape[0] for k, v in head.items()
+             if k.endswith(("classifier.weight", "score.weight", "out_proj.weight"))]
     if not sizes:
         raise UserError(f"PEFT adapter '{path}' is a classifier but holds no classifier head (modules_to_save)")
     return int(sizes[0])

@@ -35,4 +35,5 @@ def _head_guess(model, task: str) -> list[str]:
     """A seq-cls model's new head (without weights we cannot ask which keys were missing)."""
     if task != "seq-cls":
         return []
-    return [n for n, _ in model.named_modules() if n and n.split(".")[-1] in HEAD_NAMES and not n.endswith("pooler.dense")]
+    return [n for n, _ in model.named_modules()
+            if n and n.split(".")[-1] in HEAD_NAMES and not n.endswith("pooler.dense")]

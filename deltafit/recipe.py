@@ -21,7 +21,8 @@ from deltafit.errors import UserError, did_you_mean
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are rejected, assignments re-validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity are no valid setting anywhere (`epochs: .inf` would never end).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSpec(Section):
@@ -49,23 +50,30 @@ class ModelSpec(Section):
 
 
 class DataSpec(Section):
-    train: str = Field(description="Training data: a hub dataset name, or a local .json/.jsonl/.csv/.tsv/.parquet file.")
+    train: str = Field(
+        description="Training data: a hub dataset name, or a local .json/.jsonl/.csv/.tsv/.parquet file."
+    )
     config: Optional[str] = Field(None, description="Hub dataset configuration (e.g. 'sst2' for 'glue').")
     split: str = Field("train", description="Split of the training source to train on.")
-    eval: Optional[str] = Field(None, description="Separate evaluation file or hub dataset (defaults to the training source).")
+    eval: Optional[str] = Field(
+        None, description="Separate evaluation file or hub dataset (defaults to the training source).",
+    )
     eval_split: Optional[str] = Field(None, description="Named split to evaluate on (e.g. 'validation').")
     eval_fraction: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Hold out this fraction of the training data for evaluation when no eval split or file is given."
+        0.0, ge=0.0, lt=1.0,
+        description="Hold out this fraction of the training data for evaluation when no eval split or file is given."
     )
     format: Literal["alpaca", "chat", "completion", "classification"] = Field(
         "alpaca", description="How rows become examples: alpaca (instruction/input/output), chat (messages with the "
-        "tokenizer's chat template), completion (plain text, or prompt + completion), classification (text [+ pair] + label)."
+        "tokenizer's chat template), completion (plain text, or prompt + completion), classification "
+        "(text [+ pair] + label)."
     )
     text_column: str = Field("text", description="Text column (completion, classification).")
     text_pair_column: Optional[str] = Field(None, description="Second text column for sentence-pair classification.")
     label_column: str = Field("label", description="Label column for classification (numbers or strings).")
     prompt_column: Optional[str] = Field(
-        None, description="For completion data: a prompt column masked out of the loss; the completion is `text_column`."
+        None,
+        description="For completion data: a prompt column masked out of the loss; the completion is `text_column`."
     )
     messages_column: str = Field("messages", description="Column of chat messages ([{role, content}, ...]).")
     instruction_column: str = Field("instruction", description="Alpaca instruction column.")
@@ -86,9 +94,13 @@ class DataSpec(Section):
         "files' bytes, the tokenizer and its chat template and every data option; false re-tokenizes every run."
     )
     train_on_inputs: bool = Field(
-        False, description="Also train on prompt tokens (instruction, user turns). By default only responses count in the loss."
+        False,
+        description="Also train on prompt tokens (instruction, user turns). By default only responses count in the "
+        "loss."
     )
-    max_train_examples: Optional[int] = Field(None, ge=1, description="Use only the first N training rows (after shuffling with the seed).")
+    max_train_examples: Optional[int] = Field(
+        None, ge=1, description="Use only the first N training rows (after shuffling with the seed).",
+    )
     max_eval_examples: Optional[int] = Field(None, ge=1, description="Use only the first N evaluation rows.")
 
 
@@ -98,13 +110,22 @@ class TrainSpec(Section):
     batch_size: int = Field(8, ge=1, description="Examples per device per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer step.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay; never applied to biases, norms or embeddings-like vectors.")
+    weight_decay: float = Field(
+        0.0, ge=0, description="AdamW weight decay; never applied to biases, norms or embeddings-like vectors.",
+    )
     warmup_steps: Optional[int] = Field(None, ge=0, description="Linear warmup steps (overrides warmup_ratio).")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Linear warmup as a fraction of total steps.")
-    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate decay after warmup.")
-    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Clip the gradient norm to this value (null: no clipping).")
-    seed: int = Field(42, description="Seed for initialization, data order and dropout.")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision of the forward/backward pass.")
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="Learning-rate decay after warmup.",
+    )
+    max_grad_norm: Optional[float] = Field(
+        1.0, gt=0, description="Clip the gradient norm to this value (null: no clipping).",
+    )
+    seed: int = Field(42, ge=0, lt=2**32, description="Seed for initialization, data order and dropout "
+                      "(0 to 2**32 - 1, the range every random generator involved accepts).")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="Autocast precision of the forward/backward pass.",
+    )
     eval_every: Optional[int] = Field(None, ge=1, description="Evaluate every N steps (and always at the end).")
     save_every: Optional[int] = Field(None, ge=1, description="Write a resumable checkpoint every N steps.")
     keep_last: int = Field(2, ge=1, description="Step checkpoints kept on disk.")
@@ -145,7 +166,16 @@ class Recipe(Section):
         # The name becomes a path component (runs/<name>, tracker log dirs): it must not climb out.
         if name is not None and (not name.strip() or any(c in name for c in "/\\") or name in (".", "..")):
             raise ValueError("must be a plain run name without '/' or '\\' (use output_dir to choose a directory)")
+        if name is not None and not name.isprintable():
+            raise ValueError("must be printable text (no control characters such as NUL or newlines)")
         return name
+
+    @field_validator("output_dir")
+    @classmethod
+    def _printable_path(cls, path: Optional[str]) -> Optional[str]:
+        if path is not None and (not path.strip() or not path.isprintable()):
+            raise ValueError("must be a directory path of printable text (no control characters such as NUL)")
+        return path
 
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir or f"runs/{self.name or 'run'}")
@@ -175,8 +205,14 @@ def read_recipe_file(path: Path) -> dict:
     (SafeLoader never imports or calls anything) and so is a key given twice."""
     if not path.is_file():
         raise UserError(f"recipe file '{path}' does not exist (expected a .yaml file)")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise UserError(f"recipe '{path}' is {size / 2**20:.1f} MiB; a recipe is a short YAML file (at most "
+                        f"{MAX_RECIPE_BYTES // 2**20} MiB): is it a data file? Data goes in data.train")
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
+    except _TooLarge as e:
+        raise UserError(f"recipe '{path}' is refused: {e}") from None
     except yaml.YAMLError as e:
         raise UserError(f"recipe '{path}' is not valid YAML{_yaml_problem(e)}") from None
     except UnicodeDecodeError as e:
@@ -189,22 +225,62 @@ def read_recipe_file(path: Path) -> dict:
     return raw
 
 
+# Bounds that keep a hostile recipe from hanging or exhausting memory before any check runs: the
+# file's size, and the size of the document once every alias is expanded ("billion laughs": nine
+# nested levels of nine aliases each make 387 million values out of a few hundred bytes).
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_NODES = 100_000
+MERGE_TAG = "tag:yaml.org,2002:merge"
+EXTENSION_PREFIX = "x-"
+
+
+class _TooLarge(yaml.YAMLError):
+    """A document past MAX_RECIPE_NODES once its aliases are expanded."""
+
+
 class _StrictLoader(yaml.SafeLoader):
     """SafeLoader (plain data only) that also refuses duplicate keys, which YAML forbids but
-    PyYAML silently resolves to the last value: `lr` set twice would train with the second."""
+    PyYAML silently resolves to the last value: `lr` set twice would train with the second.
+    Merge keys (`<<: *common`, YAML 1.1) work as usual: a key written next to them overrides the
+    merged one, which is no duplicate. Documents that expand past MAX_RECIPE_NODES are refused."""
+
+    def construct_document(self, node):
+        expanded = _expanded_size(node, {})
+        if expanded > MAX_RECIPE_NODES:
+            raise _TooLarge(f"it expands to {expanded:,} values through its aliases (&anchor / *alias); at most "
+                            f"{MAX_RECIPE_NODES:,} are accepted")
+        return super().construct_document(node)
 
     def construct_mapping(self, node, deep=False):
         first_line: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == MERGE_TAG:
+                continue  # `<<`: SafeLoader merges the aliased mapping in (flatten_mapping)
             key = self.construct_object(key_node, deep=True)
-            if key == "<<" or not isinstance(key, (str, int, float, bool)):
-                continue  # merge keys and complex keys: left to SafeLoader
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # complex keys: left to SafeLoader
             if key in first_line:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key '{key}' is given twice (first at line {first_line[key]}); keep one",
                     key_node.start_mark)
             first_line[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """How many values `node` stands for with every alias expanded; each node is counted once
+    (memoized by identity), so this takes time linear in the document as written."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = 1  # a recursive alias (a node inside itself) counts once
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    else:
+        size = 1
+    sizes[id(node)] = size
+    return size
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
@@ -222,10 +298,13 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 
 def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
     """Validate a recipe given as a dict (the delta section against its method's own config)."""
-    raw = dict(raw)
-    delta_raw = raw.pop("delta", None) or {"method": "lora"}
+    # Top-level keys starting with 'x-' hold YAML anchors for `<<: *name` merges (as in Compose files).
+    raw = {k: v for k, v in raw.items() if not (isinstance(k, str) and k.startswith(EXTENSION_PREFIX))}
+    delta_raw = raw.pop("delta", None)
+    delta_raw = {"method": "lora"} if delta_raw is None else delta_raw
     if not isinstance(delta_raw, dict):
-        raise UserError(f"{source}: recipe key 'delta' must be a mapping with at least 'method'")
+        raise UserError(f"{source}: recipe key 'delta' must be a mapping with at least 'method' (got {delta_raw!r}), "
+                        f"e.g. delta: {{method: lora}}; leave it out for LoRA's defaults")
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
@@ -237,10 +316,10 @@ def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
 
 def _check_task_and_format(recipe: Recipe, source: str) -> None:
     """model.task and data.format must agree; checked here so `validate` catches it too."""
-    from deltafit.data import _check_task
+    from deltafit.data.splits import check_task
 
     try:
-        _check_task(recipe.data, recipe.model.task)
+        check_task(recipe.data, recipe.model.task)
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
 
@@ -267,6 +346,9 @@ def apply_override(raw: dict, item: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set '{item}' must look like section.key=value (e.g. train.lr=1e-4)")
+    if _starts_comment(value):
+        raise UserError(f"--set '{item}': in YAML, '#' after a space starts a comment, so the value would be read as "
+                        f"{yaml.safe_load(value)!r}; quote it: --set '{key}=\"{value}\"'")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
@@ -283,6 +365,12 @@ def apply_override(raw: dict, item: str) -> None:
     node[parts[-1]] = parsed
 
 
+def _starts_comment(value: str) -> bool:
+    """An unquoted YAML value loses everything from a '#' at its start or after whitespace."""
+    text = value.strip()
+    return not text.startswith(("'", '"')) and (text.startswith("#") or " #" in text or "\t#" in text)
+
+
 def _explain(error: ValidationError, root: type[BaseModel], prefix: str = "") -> str:
     """One line naming the first bad key, what was given and what would be valid."""
     err = error.errors()[0]
@@ -296,7 +384,8 @@ def _explain(error: ValidationError, root: type[BaseModel], prefix: str = "") ->
     given = err.get("input")
     shown = f" (got {given!r})" if not isinstance(given, dict) else ""
     if err["type"] in ("model_type", "model_attributes_type", "dict_type"):
-        return f"recipe key '{key}' must be a mapping of keys{shown}; valid keys here: {', '.join(_fields_at(root, loc))}"
+        fields = ", ".join(_fields_at(root, loc))
+        return f"recipe key '{key}' must be a mapping of keys{shown}; valid keys here: {fields}"
     # A union (e.g. a name or a list of names) fails once per member: say what each would accept.
     others = [e["msg"] for e in error.errors()[1:] if _key_path(e["loc"]) == loc and e["msg"] != err["msg"]]
     return f"recipe key '{key}': {err['msg']}" + "".join(f", or {m[0].lower()}{m[1:]}" for m in others) + shown

@@ -11,7 +11,8 @@ console = Console(soft_wrap=True)
 
 
 def print_results(results: dict, path: Path) -> None:
-    table = Table(title=f"{results['model']} on {results['data']}" + (f" [{results['split']}]" if results.get("split") else ""))
+    table = Table(title=f"{results['model']} on {results['data']}"
+                  + (f" [{results['split']}]" if results.get("split") else ""))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in results.items():
@@ -39,8 +40,10 @@ def print_plan(plan: dict) -> None:
         ("method", f"{plan['method']} ({'mergeable' if plan['mergeable'] else 'not mergeable'})"),
         ("delta on", shown or "(whole model / embeddings)"),
         ("delta params", f"{plan['delta_params']:,}"),
-        ("trainable", f"{plan['trainable']:,} / {plan['total']:,} ({100 * plan['trainable'] / max(plan['total'], 1):.4f}%)"),
-        ("data", f"{plan['data_format']}: " + ", ".join(f"{k}={v}" for k, v in plan["data"].items() if v is not None and k != "columns")),
+        ("trainable", f"{plan['trainable']:,} / {plan['total']:,} "
+                      f"({100 * plan['trainable'] / max(plan['total'], 1):.4f}%)"),
+        ("data", f"{plan['data_format']}: "
+                 + ", ".join(f"{k}={v}" for k, v in plan["data"].items() if v is not None and k != "columns")),
         ("length", f"{plan['steps']} steps" if plan["steps"] else f"{plan['epochs']} epochs"),
     ]
     for key, value in rows:

@@ -30,7 +30,8 @@ def person_to_json(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        person = {"name": rng.choice(NAMES), "age": rng.randint(18, 80), "job": rng.choice(JOBS), "city": rng.choice(CITIES)}
+        person = {"name": rng.choice(NAMES), "age": rng.randint(18, 80), "job": rng.choice(JOBS),
+                  "city": rng.choice(CITIES)}
         sentence = rng.choice(TEMPLATES).format(**person)
         rows.append({"prompt": f"Person: {sentence}\nJSON:", "completion": " " + json.dumps(person)})
     return rows
@@ -47,7 +48,8 @@ def load_builtin(name: str, key: str = "data.train") -> list[dict]:
     from deltafit.errors import UserError, did_you_mean
 
     if name not in BUILTIN:
-        raise UserError(f"recipe key '{key}': unknown builtin dataset 'builtin:{name}'{did_you_mean(name, BUILTIN)}; valid: "
+        raise UserError(f"recipe key '{key}': unknown builtin dataset 'builtin:{name}'"
+                        f"{did_you_mean(name, BUILTIN)}; valid: "
                         + ", ".join(f"builtin:{n}" for n in BUILTIN))
     make, n, seed = BUILTIN[name]
     return make(n, seed)

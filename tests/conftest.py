@@ -94,7 +94,8 @@ def alpaca_file(tmp_path) -> Path:
 def cls_file(tmp_path) -> Path:
     """A tiny sentiment TSV with string labels."""
     lines = ["sentence\tlabel"] + [
-        f"{'a great fine movie' if i % 2 else 'terrible boring film'} {i}\t{'pos' if i % 2 else 'neg'}" for i in range(32)
+        f"{'a great fine movie' if i % 2 else 'terrible boring film'} {i}\t{'pos' if i % 2 else 'neg'}"
+        for i in range(32)
     ]
     path = tmp_path / "cls.tsv"
     path.write_text("\n".join(lines) + "\n")

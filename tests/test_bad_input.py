@@ -55,8 +55,8 @@ def test_merge_of_unmergeable_method_says_why(tmp_path, capsys):
         {"format": "deltafit-checkpoint", "method": "prompt", "delta_config": {"method": "prompt"},
          "model": {"name": "x"}, "task": "causal-lm"}))
     (path / "recipe.yaml").write_text("model: {name: x}\ndata: {train: x.json}\n")  # every checkpoint has one
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, str(path / "delta.safetensors"))
     code, _, err = run_cli(capsys, "merge", path, "--output", tmp_path / "m")
@@ -72,6 +72,7 @@ def test_tracker_without_its_package(tmp_path, tiny_llama, alpaca_file, capsys, 
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("tensorboard") else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("tensorboard") else real(name, *a))
     recipe = write_recipe(tmp_path / "r.yaml", tiny_llama, lm_data(alpaca_file), log={"trackers": ["tensorboard"]})
     assert_clean_error(*run_cli(capsys, "train", recipe, "-o", tmp_path / "o")[::2], "log.trackers", "tensorboard")

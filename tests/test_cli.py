@@ -79,8 +79,8 @@ def test_resume_continues_from_the_latest_step_checkpoint(lm_run, tmp_path, caps
     assert code == 0, err
     meta = json.loads((lm_run / "final" / "deltafit.json").read_text())
     assert meta["step"] == 8
-    steps = [json.loads(l)["step"] for l in (lm_run / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(l)]
+    steps = [json.loads(line)["step"] for line in (lm_run / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
     assert steps == sorted(set(steps))  # nothing logged twice
 
 
@@ -124,7 +124,8 @@ def test_methods_lists_the_registry(capsys):
 
 
 def test_help_does_not_import_torch():
-    probe = "import sys; from deltafit.cli import app; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    probe = ("import sys; from deltafit.cli import app; "
+             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", probe], check=True)
 
 
@@ -136,7 +137,8 @@ def test_real_process_exit_code_2_without_traceback(tmp_path):
 
 
 def test_bf16_base_and_bf16_autocast_train_and_merge(tmp_path, tiny_llama, alpaca_file, capsys):
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama, {"train": str(alpaca_file), "format": "alpaca", "max_length": 200},
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama,
+                          {"train": str(alpaca_file), "format": "alpaca", "max_length": 200},
                           train={"max_steps": 2, "mixed_precision": "bf16"})
     code, _, err = run_cli(capsys, "train", recipe, "--output", tmp_path / "run", "--set", "model.dtype=bfloat16")
     assert code == 0, err

@@ -51,7 +51,8 @@ def runs(tmp_path_factory, tiny_llama):
     tmp = tmp_path_factory.mktemp("distributed")
     rows = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": str(2 * i + 1)} for i in range(24)]
     (tmp / "alpaca.json").write_text(json.dumps(rows))
-    recipe = write_recipe(tmp / "r.yaml", tiny_llama, {"train": str(tmp / "alpaca.json"), "format": "alpaca", "max_length": 200},
+    recipe = write_recipe(tmp / "r.yaml", tiny_llama,
+                          {"train": str(tmp / "alpaca.json"), "format": "alpaca", "max_length": 200},
                           train={"max_steps": 6, "batch_size": 2, "grad_accum": 1, "save_every": 3, "lr": 5e-3,
                                  "weight_decay": 0.01, "scheduler": "cosine"})
     two_log = deltafit("train", recipe, "--output", tmp / "two", processes=2)

@@ -126,7 +126,8 @@ def report_tally(request):
     named = inputs - {i for i, ok, says in TALLY.values() if not (ok and says)}
     line = (f"malformed corpus: {len(inputs)} inputs tried, {len(clean)} give a clean one-line exit-2 error, "
             f"{len(named)} of them also say what the case expects ({len(TALLY)} runs: "
-            f"{sum(ok for _, ok, _ in TALLY.values())} clean, {sum(ok and says for _, ok, says in TALLY.values())} fully)")
+            f"{sum(ok for _, ok, _ in TALLY.values())} clean, "
+            f"{sum(ok and says for _, ok, says in TALLY.values())} fully)")
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     if reporter is None or capture is None:
@@ -393,7 +394,8 @@ DAMAGES = {
     "meta_newer_format": lambda run, tmp, request: _edit_json(run / META, lambda m: m.update(format_version=99)),
     "meta_unknown_method": lambda run, tmp, request: _edit_json(
         run / META, lambda m: [m.update(method="loar"), m["delta_config"].update(method="loar")]),
-    "meta_bad_delta_config": lambda run, tmp, request: _edit_json(run / META, lambda m: m["delta_config"].update(r="big")),
+    "meta_bad_delta_config": lambda run, tmp, request: _edit_json(
+        run / META, lambda m: m["delta_config"].update(r="big")),
     "no_tensors": lambda run, tmp, request: (run / TENSORS).unlink(),
     "truncated_tensors": lambda run, tmp, request: _truncate(run / TENSORS),
     "empty_tensors": lambda run, tmp, request: (run / TENSORS).write_bytes(b""),

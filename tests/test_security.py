@@ -171,7 +171,8 @@ def test_pickles_beside_a_checkpoint_are_ignored(run, tmp_path, capsys, unpickli
 @pytest.mark.parametrize("command", ["eval", "merge", "resume"])
 def test_a_pickle_in_place_of_the_safetensors_is_refused(run, tmp_path, capsys, unpickling, command):
     marker = tmp_path / MARKER
-    targets = [_step(run) / "trainer" / "state.safetensors"] if command == "resume" else [run / "final" / "delta.safetensors"]
+    targets = ([_step(run) / "trainer" / "state.safetensors"] if command == "resume"
+               else [run / "final" / "delta.safetensors"])
     for target in targets:
         target.write_bytes(live_pickle(marker))
         _reseal(target)  # recorded as if written so: the safetensors reader itself must refuse it
@@ -257,7 +258,8 @@ def test_a_checkpoint_recipe_that_trusts_remote_code_warns_on_eval(run, capsys, 
 @pytest.mark.slow
 def test_the_trust_remote_code_warning_reaches_a_real_terminal(recipe):
     """Outside pytest's warning capture: the user running the CLI sees the warning on stderr."""
-    result = subprocess.run([sys.executable, "-m", "deltafit", "validate", str(recipe), "--set", "model.trust_remote_code=true"],
+    result = subprocess.run([sys.executable, "-m", "deltafit", "validate", str(recipe),
+                             "--set", "model.trust_remote_code=true"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "trust_remote_code is on" in result.stderr

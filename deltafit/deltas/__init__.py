@@ -1,31 +1,43 @@
 """The registry: the one list of delta methods.
 
-Adding a method = one new file in this folder + one line in METHODS (name -> module). Modules are
+Adding a method = one new file in this folder + one line in METHODS (name -> module and facts). Modules are
 imported on first use, so listing names stays cheap.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
+from typing import Optional
 
 from deltafit.errors import UserError, did_you_mean
 
-# name -> module in deltafit.deltas defining `DELTA`, the method's Delta subclass.
+
+@dataclass(frozen=True)
+class Entry:
+    """One method's registry line: where its class lives, and the facts the CLI shows without
+    importing it (the class reads them from here too: `Delta.__init_subclass__`)."""
+
+    module: str  # module in deltafit.deltas defining `DELTA`, the method's Delta subclass
+    mergeable: bool = False  # the update folds into the base weights (`deltafit merge`)
+    peft_type: Optional[str] = None  # the PEFT adapter type it exports to and imports from, if any
+
+
 METHODS = {
-    "full": "full",
-    "lora": "lora",
-    "bitfit": "bitfit",
-    "adapter": "adapter",
-    "prefix": "prefix",
-    "prompt": "prompt",
-    "lamda": "lamda",
-    "lamda-pp": "lamda_pp",
-    "vera": "vera",
-    "lora-fa": "lora_fa",
-    "said": "said",
-    "adalora": "adalora",
-    "aflora": "aflora",
-    "qlora": "qlora",
+    "full": Entry("full", mergeable=True),
+    "lora": Entry("lora", mergeable=True, peft_type="LORA"),
+    "bitfit": Entry("bitfit", mergeable=True),
+    "adapter": Entry("adapter"),
+    "prefix": Entry("prefix", peft_type="PREFIX_TUNING"),
+    "prompt": Entry("prompt", peft_type="PROMPT_TUNING"),
+    "lamda": Entry("lamda", mergeable=True),
+    "lamda-pp": Entry("lamda_pp", mergeable=True),
+    "vera": Entry("vera", mergeable=True, peft_type="VERA"),
+    "lora-fa": Entry("lora_fa", mergeable=True, peft_type="LORA"),
+    "said": Entry("said", mergeable=True),
+    "adalora": Entry("adalora", mergeable=True, peft_type="ADALORA"),
+    "aflora": Entry("aflora", mergeable=True),
+    "qlora": Entry("qlora", mergeable=True, peft_type="LORA"),
 }
 
 
@@ -34,7 +46,7 @@ def get(name: str):
     if name not in METHODS:
         raise UserError(f"recipe key 'delta.method': unknown method '{name}'{did_you_mean(name, METHODS)}; "
                         f"valid: {', '.join(METHODS)}")
-    return importlib.import_module(f"deltafit.deltas.{METHODS[name]}").DELTA
+    return importlib.import_module(f"deltafit.deltas.{METHODS[name].module}").DELTA
 
 
 def config_class(name: str):

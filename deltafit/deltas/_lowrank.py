@@ -47,7 +47,9 @@ class LowRankUpdate(nn.Module):
         others go via fp32."""
         weight = linear.weight
         if weight.dtype == torch.float32:
-            _replace_weight(linear, torch.addmm(weight, self.B.to(weight.device), self.A.to(weight.device), alpha=self.scale))
+            _replace_weight(
+                linear, torch.addmm(weight, self.B.to(weight.device), self.A.to(weight.device), alpha=self.scale)
+            )
         else:
             fold_into(linear, self.delta_weight())
 
@@ -71,10 +73,11 @@ class _DroppedDownProjection(torch.autograd.Function):
     Off the GPU, torch's dropout keeps its float noise (0 or 1/(1-p)) for backward, 4 bytes per
     element, and the A matmul keeps the dropped-out input as well. Here the noise is drawn exactly
     as torch draws it (`_draw_noise`) and only its 0/1 pattern is kept, as bool; A's gradient,
-    which needs dropout(x), rebuilds it in backward from x and the mask (one multiply). The adapted projections of one layer read the same x (q, k and v; gate and up), so
-    they keep one x between them where each kept its own dropped-out copy: for q/v LoRA on
-    SmolLM2 at 8 x 256 tokens, 135 MB less. Values and gradients are torch's, bit for bit (the
-    matmuls below are the ones autograd runs for `dropout(x) @ A.t()`).
+    which needs dropout(x), rebuilds it in backward from x and the mask (one multiply). The adapted
+    projections of one layer read the same x (q, k and v; gate and up), so they keep one x between
+    them where each kept its own dropped-out copy: for q/v LoRA on SmolLM2 at 8 x 256 tokens,
+    135 MB less. Values and gradients are torch's, bit for bit (the matmuls below are the ones
+    autograd runs for `dropout(x) @ A.t()`).
     """
 
     @staticmethod
@@ -100,7 +103,9 @@ def fold_into(linear: nn.Linear, delta: torch.Tensor) -> None:
     """W <- W + delta, computed in fp32 and stored back in the weight's own dtype."""
     weight = linear.weight
     delta = delta.to(weight.device, torch.float32)
-    _replace_weight(linear, weight + delta if weight.dtype == torch.float32 else (weight.float() + delta).to(weight.dtype))
+    _replace_weight(
+        linear, weight + delta if weight.dtype == torch.float32 else (weight.float() + delta).to(weight.dtype)
+    )
 
 
 def _replace_weight(linear: nn.Module, merged: torch.Tensor) -> None:

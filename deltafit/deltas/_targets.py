@@ -102,5 +102,6 @@ def _normalize_layers(model: nn.Module, layers: list[int]) -> set[int]:
     total = num_blocks(model)
     bad = [i for i in layers if not -total <= i < total]
     if bad:
-        raise UserError(f"recipe key 'delta.layers': {bad} out of range for a model with {total} blocks (valid: 0..{total - 1} or negative)")
+        raise UserError(f"recipe key 'delta.layers': {bad} out of range for a model with {total} blocks "
+                        f"(valid: 0..{total - 1} or negative)")
     return {i % total for i in layers}

@@ -60,7 +60,8 @@ class AdaLoRAConfig(TargetedConfig):
     @model_validator(mode="after")
     def _shrinks(self):
         if self.target_r > self.init_r:
-            raise ValueError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r}): the budget only shrinks")
+            raise ValueError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r}): "
+                             "the budget only shrinks")
         return self
 
 
@@ -100,7 +101,6 @@ class AdaLoRA(Delta):
     name = "adalora"
     family = "reparameterization"
     description = "SVD-shaped low-rank update whose rank budget is pruned by importance during training; merges."
-    mergeable = True
     Config = AdaLoRAConfig
 
     def __init__(self, config: AdaLoRAConfig):
@@ -113,7 +113,8 @@ class AdaLoRA(Delta):
         c = self.config
         scale = c.alpha / (c.init_r + 1e-5)  # PEFT: scaling / (ranknum + 1e-5), ranknum = init_r
         for name, linear in find_targets(model, c.target_modules, c.layers).items():
-            update = SVDUpdate(linear.in_features, linear.out_features, c.init_r, scale, c.dropout, linear.weight.device)
+            update = SVDUpdate(linear.in_features, linear.out_features, c.init_r, scale, c.dropout,
+                               linear.weight.device)
             self.insertions.parallel(name, linear, "adalora", update)
         self.kept = {key: self._all_kept(update) for key, update in self._updates().items()}
 
@@ -253,7 +254,6 @@ class AdaLoRA(Delta):
     # which rank to resize each layer to; its divisor `ranknum` stays init_r, like this scale. The
     # final checkpoint no longer records which of the init_r slots were kept, only how many: the
     # pattern marks the first k, which loads the same tensors (PEFT only sums it on load).
-    peft_type = "ADALORA"
 
     @classmethod
     def to_peft(cls, config, state, model_config):
@@ -262,7 +262,8 @@ class AdaLoRA(Delta):
         ranks = {host: parts[(host, "lora_E")].shape[0] for host in hosts}
         pattern = {f"{host}.lora_E": [i < ranks[host] for i in range(config.init_r)] for host in hosts}
         fields = {"init_r": config.init_r, "target_r": config.target_r, "lora_alpha": config.alpha,
-                  "lora_dropout": config.dropout, "tinit": config.tinit, "tfinal": config.tfinal, "deltaT": config.deltaT,
+                  "lora_dropout": config.dropout, "tinit": config.tinit, "tfinal": config.tfinal,
+                  "deltaT": config.deltaT,
                   "beta1": config.beta1, "beta2": config.beta2, "orth_reg_weight": config.orth_reg_weight,
                   "total_step": None,  # the run's length: export fills it from the checkpoint
                   "rank_pattern": pattern, "target_modules": hosts, "bias": "none", "fan_in_fan_out": False,
@@ -281,7 +282,8 @@ class AdaLoRA(Delta):
         init_r = int(fields.get("init_r") or 12)
         alpha = float(fields.get("lora_alpha") or 0) or float(init_r)  # PEFT: lora_alpha, or r when it is 0
         names = ("target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight")
-        config = {"method": "adalora", "init_r": init_r, "alpha": alpha, "dropout": float(fields.get("lora_dropout") or 0.0),
+        config = {"method": "adalora", "init_r": init_r, "alpha": alpha,
+                  "dropout": float(fields.get("lora_dropout") or 0.0),
                   **{k: fields[k] for k in names if fields.get(k) is not None},
                   "target_modules": sorted({host for host, _ in parts})}
         return config, {f"{host}.adalora.{part}": v for (host, part), v in parts.items()}

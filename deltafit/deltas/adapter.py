@@ -55,7 +55,9 @@ class AdapterConfig(TargetedConfig):
     reduction_factor: Optional[float] = Field(
         None, gt=0, description="Alternative to bottleneck: m = hidden size / reduction_factor (e.g. 16)."
     )
-    activation: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="Nonlinearity f inside the bottleneck.")
+    activation: Literal["relu", "gelu", "silu", "tanh"] = Field(
+        "relu", description="Nonlinearity f inside the bottleneck."
+    )
     variant: Literal["houlsby", "pfeiffer"] = Field(
         "houlsby", description="houlsby: adapters after the attention and the FFN output projections of every block; "
         "pfeiffer: after the FFN output only. Ignored when target_modules is set.",

@@ -87,7 +87,6 @@ class AFLoRA(Delta):
     name = "aflora"
     family = "reparameterization"
     description = "Low-rank path with trainable vectors whose projections freeze by gradient score; merges."
-    mergeable = True
     Config = AFLoRAConfig
 
     def __init__(self, config: AFLoRAConfig):

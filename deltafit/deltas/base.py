@@ -68,6 +68,16 @@ class Delta:
     # The run's tokenizer, set by the trainer before attach, for methods that initialize from text.
     tokenizer: Any = None
 
+    def __init_subclass__(cls, **kwargs):
+        """A registered method's facts (mergeable, PEFT type) come from its registry line, the one
+        place that states them (the CLI reads them there without importing any method)."""
+        super().__init_subclass__(**kwargs)
+        from deltafit.deltas import METHODS
+
+        entry = METHODS.get(cls.__dict__.get("name"))
+        if entry is not None:
+            cls.mergeable, cls.peft_type = entry.mergeable, entry.peft_type
+
     def __init__(self, config: DeltaConfig):
         self.config = config
         self.model: Optional[nn.Module] = None

@@ -47,7 +47,6 @@ class BitFit(Delta):
     name = "bitfit"
     family = "specification"
     description = "Only bias terms train (plus the task head); needs a model with biases (BERT-like)."
-    mergeable = True
     Config = BitFitConfig
 
     def __init__(self, config: BitFitConfig):

@@ -27,7 +27,6 @@ class FullFineTuning(Delta):
     name = "full"
     family = "baseline"
     description = "Every weight trains (the baseline); checkpoints hold the whole model."
-    mergeable = True
     detach_restores_weights = False
     Config = FullConfig
 

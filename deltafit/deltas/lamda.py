@@ -61,7 +61,6 @@ class LaMDA(Delta):
     name = "lamda"
     family = "reparameterization"
     description = "Trainable r x r core between frozen singular-vector projections of W0; B freezes early."
-    mergeable = True
     Config = LaMDAConfig
 
     def _attach(self, model: nn.Module) -> None:

@@ -56,7 +56,6 @@ class LaMDAPlusPlus(Delta):
     name = "lamda-pp"
     family = "reparameterization"
     description = "LaMDA with per-layer ranks from each weight's spectral energy, same total rank budget."
-    mergeable = True
     Config = LaMDAPPConfig
 
     def _attach(self, model: nn.Module) -> None:

@@ -30,7 +30,6 @@ class LoRA(Delta):
     name = "lora"
     family = "reparameterization"
     description = "Low-rank update B A beside chosen linear layers; merges into the weights."
-    mergeable = True
     Config = LoRAConfig
 
     def _attach(self, model: nn.Module) -> None:
@@ -45,7 +44,6 @@ class LoRA(Delta):
         return sum(self.config.r * (m.in_features + m.out_features) for m in targets.values())
 
     # PEFT: `<module>.lora_A.weight` / `lora_B.weight`; alpha/r or (use_rslora) alpha/sqrt(r).
-    peft_type = "LORA"
 
     @classmethod
     def to_peft(cls, config, state, model_config):

@@ -23,7 +23,9 @@ from deltafit.deltas.lora import LoRA
 
 class LoRAFAConfig(TargetedConfig):
     method: Literal["lora-fa"] = "lora-fa"
-    r: int = Field(8, ge=1, description="Rank of the update B A (A is frozen: only out_features * r numbers train per layer).")
+    r: int = Field(
+        8, ge=1, description="Rank of the update B A (A is frozen: only out_features * r numbers train per layer)."
+    )
     alpha: float = Field(16.0, gt=0, description="Scaling numerator: the update is multiplied by alpha/r.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA-FA path's input.")
     rslora: bool = Field(False, description="Scale by alpha/sqrt(r) instead of alpha/r (rank-stabilized LoRA).")
@@ -39,7 +41,6 @@ class LoRAFA(Delta):
     name = "lora-fa"
     family = "reparameterization"
     description = "LoRA with A frozen at its random init and only B trained (less activation memory); merges."
-    mergeable = True
     Config = LoRAFAConfig
 
     def _attach(self, model: nn.Module) -> None:
@@ -59,7 +60,6 @@ class LoRAFA(Delta):
 
     # PEFT has no LoRA-FA type and needs none: the trained result is a plain LoRA (B A), stored
     # under LoRA's keys, so it exports as a LORA adapter (import of a LORA adapter gives `lora`).
-    peft_type = LoRA.peft_type
     to_peft = LoRA.to_peft
 
     def expected_trainable_params(self, model: nn.Module) -> int:

@@ -42,7 +42,8 @@ class PrefixConfig(DeltaConfig):
     num_virtual_tokens: int = Field(20, ge=1, description="Prefix length p: extra key/value vectors per layer.")
     hidden: int = Field(512, ge=1, description="Hidden width h of the reparameterization MLP.")
     reparameterize: bool = Field(
-        True, description="Produce the prefix through the MLP (Li & Liang). false: train the prefix directly (P-Tuning v2)."
+        True,
+        description="Produce the prefix through the MLP (Li & Liang). false: train the prefix directly (P-Tuning v2).",
     )
 
 
@@ -123,7 +124,6 @@ class PrefixTuning(Delta):
     # RoPE a real query at position m meets an unrotated prefix key k as R_m q . k, so PEFT computes
     # the same scores with keys rotated by p: R_(m+p) q . R_p k = R_m q . k. Export rotates by +p,
     # import by -p. Absolute position embeddings (BERT) would see other positions: refused.
-    peft_type = "PREFIX_TUNING"
 
     @classmethod
     def to_peft(cls, config, state, model_config):

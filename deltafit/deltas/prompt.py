@@ -36,7 +36,9 @@ CHILD = "delta_prompt"
 
 class PromptConfig(DeltaConfig):
     method: Literal["prompt"] = "prompt"
-    num_virtual_tokens: int = Field(20, ge=1, description="Prompt length p: trainable embeddings prepended to every input.")
+    num_virtual_tokens: int = Field(
+        20, ge=1, description="Prompt length p: trainable embeddings prepended to every input."
+    )
     init: Literal["random", "vocab", "text"] = Field(
         "vocab", description="Initial prompt: random (scaled like the embeddings), vocab (embeddings of random "
         "vocabulary tokens), or text (embeddings of init_text's tokens).",
@@ -117,7 +119,6 @@ class PromptTuning(Delta):
 
     # PEFT: one (p, d) tensor `prompt_embeddings`. PEFT lays rows out [prompt][tokens][padding]
     # and numbers positions 0.., so rows without left padding compute the same in both.
-    peft_type = "PROMPT_TUNING"
 
     @classmethod
     def to_peft(cls, config, state, model_config):

@@ -63,8 +63,8 @@ class QLoRAConfig(TargetedConfig):
 class QLoRA(Delta):
     name = "qlora"
     family = "reparameterization"
-    description = "LoRA on a base whose linear weights are stored 4-bit NF4 (double-quantized); merges into the dequantized base."
-    mergeable = True
+    description = ("LoRA on a base whose linear weights are stored 4-bit NF4 (double-quantized); "
+                   "merges into the dequantized base.")
     lossy_base = True
     Config = QLoRAConfig
 
@@ -94,7 +94,7 @@ class QLoRA(Delta):
     def _merge(self) -> None:
         print("qlora: merging into the dequantized base (the 4-bit weights, expanded), not the original weights; "
               "the merged model reproduces the QLoRA model", file=sys.stderr)
-        for name, (host, _, update) in self.insertions.hosts.items():
+        for name, (_host, _, update) in self.insertions.hosts.items():
             linear, flag = self._quantized.pop(name.rsplit(".", 1)[0])
             merged = linear.weight.get_original_weight().float() + update.delta_weight().to(linear.weight.device)
             _restore(linear, merged.to(linear.weight.dtype), flag)
@@ -111,7 +111,6 @@ class QLoRA(Delta):
     # PEFT: a plain LORA adapter; the tensors are LoRA's (same `LowRankUpdate`, same keys). What the
     # LoRA format cannot say is that they were trained against the NF4 base: on the full-precision
     # base they give slightly different logits; on a 4-bit base they match the training setup.
-    peft_type = "LORA"
 
     @classmethod
     def to_peft(cls, config, state, model_config):

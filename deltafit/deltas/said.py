@@ -95,7 +95,9 @@ class Fastfood(nn.Module):
         self.d, self.D = d, D
         self.L = 1 << (max(D, d) - 1).bit_length()
         if torch.device(device or "cpu").type == "meta":
-            signs, perm, gauss = (torch.empty(self.L, dtype=t, device="meta") for t in (torch.int8, torch.int32, torch.float32))
+            signs, perm, gauss = (
+                torch.empty(self.L, dtype=t, device="meta") for t in (torch.int8, torch.int32, torch.float32)
+            )
             self.scale = 1.0
         else:
             signs = (torch.randint(0, 2, (self.L,), generator=generator) * 2 - 1).to(torch.int8)
@@ -148,7 +150,6 @@ class SAID(Delta):
     name = "said"
     family = "reparameterization"
     description = "One shared d-dim vector through fixed random Fastfood projections, one scale per tensor; merges."
-    mergeable = True
     Config = SAIDConfig
 
     def _attach(self, model: nn.Module) -> None:

@@ -90,7 +90,6 @@ class VeRA(Delta):
     name = "vera"
     family = "reparameterization"
     description = "Trainable scaling vectors around frozen random low-rank projections shared by all layers; merges."
-    mergeable = True
     Config = VeRAConfig
 
     def _attach(self, model: nn.Module) -> None:
@@ -120,7 +119,6 @@ class VeRA(Delta):
     # `base_model.vera_A` (r x in_max) / `base_model.vera_B` (out_max x r) sliced per layer, drawn
     # from projection_prng_key with the same init and order as here. Export stores the projections
     # (save_projection=True), so PEFT loads exactly these values whatever its platform's generator.
-    peft_type = "VERA"
 
     @classmethod
     def to_peft(cls, config, state, model_config):
@@ -150,8 +148,10 @@ class VeRA(Delta):
             A, B = _projections(r, shared["A"].shape[1], shared["B"].shape[0], seed)
             if not (torch.equal(A, shared["A"].float()) and torch.equal(B, shared["B"].float())):
                 raise UserError(f"PEFT VeRA adapter: its stored vera_A/vera_B are not the projections drawn from "
-                                f"projection_prng_key={seed}; deltafit regenerates them from the seed and cannot use them")
-        config = {"method": "vera", "r": r, "projection_seed": seed, "d_initial": float(fields.get("d_initial", 0.1)),
+                                f"projection_prng_key={seed}; deltafit regenerates them from the seed "
+                                "and cannot use them")
+        config = {"method": "vera", "r": r, "projection_seed": seed,
+                  "d_initial": float(fields.get("d_initial", 0.1)),
                   "dropout": float(fields.get("vera_dropout") or 0.0), "target_modules": sorted({h for h, _ in layers})}
         return config, {f"{host}.vera.{part}": v for (host, part), v in layers.items()}
 

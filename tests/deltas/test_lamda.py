@@ -182,7 +182,8 @@ def saved_widths(host, in_features: int) -> list[float]:
     for tokens in (5, 9):
         found = []
         x = torch.randn(2, tokens, in_features, requires_grad=True)  # earlier layers train: x needs grad
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: found.append(t.numel()) or t, lambda t: t):
+        # found is bound as a default: each iteration's hook appends to that iteration's list
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, found=found: found.append(t.numel()) or t, lambda t: t):
             host(x)
         sizes.append(found)
     assert len(sizes[0]) == len(sizes[1])

@@ -191,7 +191,8 @@ def test_adapter_layernorms_train_and_are_restored(bert, llama):
     norms = {
         "bert": {f"bert.encoder.layer.{i}.{n}.LayerNorm.{w}" for i in range(2) for n in ("attention.output", "output")
                  for w in ("weight", "bias")},
-        "llama": {f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")},
+        "llama": {f"model.layers.{i}.{n}.weight" for i in range(2)
+                  for n in ("input_layernorm", "post_attention_layernorm")},
     }
     for spec in (bert, llama):
         model, delta = spec.fresh(), build("adapter", bottleneck=4)

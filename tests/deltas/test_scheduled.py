@@ -337,7 +337,8 @@ def test_cli_train_runs_the_schedule_then_eval_and_merge_work(tmp_path, tiny_lla
     if delta_options["method"] == "adalora":
         ranks = [t.shape[0] for k, t in tensors.items() if k.endswith(".lora_E")]
         assert len(ranks) == 4 and sum(ranks) == 2 * len(ranks)  # target_r x targets (q, v in 2 blocks)
-        assert all(tensors[k.replace("lora_E", "lora_A")].shape[0] == tensors[k].shape[0] for k in tensors if "lora_E" in k)
+        assert all(tensors[k.replace("lora_E", "lora_A")].shape[0] == tensors[k].shape[0]
+                   for k in tensors if "lora_E" in k)
         assert set(trainer_state["kept"]) and "ema" in trainer_state
     else:  # everything frozen from step round(0.7*6) = 4: the final A/B equal those of step 5
         step_tensors = load_file(str(step5 / "delta.safetensors"))
