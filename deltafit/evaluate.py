@@ -14,7 +14,9 @@ from typing import Optional
 
 import torch
 
+from deltafit.data.sources import LOCAL_EXTENSIONS
 from deltafit.errors import UserError
+from deltafit.fsutil import check_outside_checkpoints, check_writable_dir
 
 
 def evaluate_loop(model, delta, loader, task: str, accelerator=None) -> dict:
@@ -83,6 +85,7 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, split: Optional[s
     from deltafit.model import build_model, load_tokenizer
 
     directory, meta, tensors = load_source(path, base_model)
+    out = _results_path(directory, output, base)
     recipe = source_recipe(directory, meta)
     spec = _eval_data_spec(recipe.data, data, split)
     with about_checkpoint(directory):
@@ -99,9 +102,19 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, split: Optional[s
     results = {"checkpoint": str(directory), "model": "base" if base else meta["method"],
                "data": spec.eval or spec.train, "split": spec.eval_split,
                **evaluate_loop(model, delta, loader, meta["task"])}
-    out = Path(output) if output else directory / f"eval{'-base' if base else ''}.json"
     out.write_text(json.dumps(results, indent=2))
     return results, out
+
+
+def _results_path(directory: Path, output: Optional[str], base: bool) -> Path:
+    """Where the scores go: --output, else beside the checkpoint (`<checkpoint>-eval[-base].json`),
+    never inside it. Checked before any work."""
+    out = Path(output) if output else directory.with_name(f"{directory.name}-eval{'-base' if base else ''}.json")
+    if out.is_dir() or str(output).strip() in ("", "."):
+        raise UserError(f"--output '{output}' is a directory; give the path of a JSON file to write")
+    check_outside_checkpoints(out)
+    check_writable_dir(out.parent)
+    return out
 
 
 def _eval_data_spec(data_spec, data: Optional[str], split: Optional[str]):
@@ -112,6 +125,10 @@ def _eval_data_spec(data_spec, data: Optional[str], split: Optional[str]):
     elif split:
         updates.update(eval_split=split, eval_fraction=0.0)
     spec = data_spec.model_copy(update=updates)
+    scored = data or spec.eval or spec.train
+    if split and Path(scored).suffix.lower() in LOCAL_EXTENSIONS:
+        raise UserError(f"--split '{split}': '{scored}' is a single file with no named splits; leave --split out "
+                        f"(or pass --data another file)")
     if not (spec.eval or spec.eval_split or spec.eval_fraction):
         raise UserError("the checkpoint's recipe names no evaluation data: pass --data FILE_OR_DATASET [--split NAME]")
     return spec

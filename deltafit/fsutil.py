@@ -23,6 +23,8 @@ from typing import Iterator, Optional
 from deltafit.errors import UserError
 
 TMP_MARK = ".tmp"  # temporary directories are named .<target name>.tmp<pid>-<ns>
+# A directory holding one of these is a checkpoint (deltafit's, or a PEFT adapter): never written into.
+CHECKPOINT_MARKERS = ("deltafit.json", "adapter_config.json")
 
 
 @contextmanager
@@ -87,6 +89,7 @@ def new_output_dir(out: Path, source: Optional[Path] = None, option: str = "--ou
     resolved = out.resolve()
     if source is not None and (resolved == Path(source).resolve() or Path(source).resolve() in resolved.parents):
         raise UserError(f"{option} '{out}' must not be inside the checkpoint '{source}' (choose a new directory)")
+    check_outside_checkpoints(out, option)
     if out.exists() and not out.is_dir():
         raise UserError(f"{option} '{out}' is an existing file; choose a new directory")
     if out.is_dir() and any(out.iterdir()):
@@ -109,3 +112,13 @@ def check_writable_dir(out: Path, option: str = "--output") -> None:
         probe.rmdir()
     except OSError as e:
         raise UserError(f"{option} '{out}' is not writable ({e.strerror or e}); choose another directory") from None
+
+
+def check_outside_checkpoints(out: Path, option: str = "--output") -> None:
+    """Refuse an output inside a checkpoint directory (or a PEFT adapter's): adding or replacing a
+    file there could damage it, and no command writes into a checkpoint."""
+    for folder in (Path(out).resolve(), *Path(out).resolve().parents):
+        marker = next((m for m in CHECKPOINT_MARKERS if (folder / m).is_file()), None)
+        if marker is not None:
+            raise UserError(f"{option} '{out}' is inside the checkpoint '{folder}' (it holds {marker}); commands never "
+                            f"write into a checkpoint: choose a path outside it")

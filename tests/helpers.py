@@ -32,3 +32,20 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
         code = e.code if isinstance(e.code, int) else 0
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def assert_one_clean_line(code: int, err: str, *needles: str) -> None:
+    """A user error as the CLI promises it: exit 2, one stderr line `error: ...` naming each needle."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file under `root`: compare before and after a command."""
+    import hashlib
+
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}

@@ -41,10 +41,10 @@ def test_train_writes_a_self_describing_delta_only_checkpoint(lm_run):
 def test_eval_and_base_eval_report_loss_and_perplexity(lm_run, capsys):
     code, out, err = run_cli(capsys, "eval", lm_run / "final")
     assert code == 0, err
-    tuned = json.loads((lm_run / "final" / "eval.json").read_text())
+    tuned = json.loads((lm_run / "final-eval.json").read_text())
     code, out, err = run_cli(capsys, "eval", lm_run / "final", "--base")
     assert code == 0, err
-    base = json.loads((lm_run / "final" / "eval-base.json").read_text())
+    base = json.loads((lm_run / "final-eval-base.json").read_text())
     assert tuned["tokens"] == base["tokens"] > 0
     assert tuned["perplexity"] == pytest.approx(torch.tensor(tuned["loss"]).exp().item(), rel=1e-5)
     assert tuned["loss"] < base["loss"]  # 6 steps at lr 1e-2 on a learnable toy task
@@ -95,7 +95,7 @@ def test_classification_with_string_labels_end_to_end(tmp_path, tiny_bert, cls_f
     assert meta["label_names"] == ["neg", "pos"]
     code, out, err = run_cli(capsys, "eval", tmp_path / "run")
     assert code == 0, err
-    result = json.loads((tmp_path / "run" / "final" / "eval.json").read_text())
+    result = json.loads((tmp_path / "run" / "final-eval.json").read_text())
     assert {"accuracy", "f1", "matthews_correlation"} <= set(result) and result["examples"] == 32
     code, out, err = run_cli(capsys, "merge", tmp_path / "run", "--output", tmp_path / "merged")
     assert code == 0, err

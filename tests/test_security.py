@@ -276,7 +276,7 @@ def _files(root: Path) -> set[Path]:
 def test_checkpoint_paths_cannot_steer_eval_merge_or_resume_outside(run, tmp_path, capsys, monkeypatch):
     """The checkpoint's recipe names '../../evil' as its output_dir (relative to the working
     directory, which sits two levels below tmp_path): eval, merge and resume with --output must
-    write only to the checkpoint's eval.json, the merge --output and the resume --output."""
+    write only the eval results beside the checkpoint, the merge --output and the resume --output."""
     work = tmp_path / "a" / "b"
     work.mkdir(parents=True)
     monkeypatch.chdir(work)
@@ -306,7 +306,7 @@ def test_a_checkpoint_recipe_naming_a_path_is_refused(run, tmp_path, capsys, mon
     _reseal(path)
     code, _, err = run_cli(capsys, "eval", run / "final")
     assert_one_clean_line(code, err, "'name'", "plain run name")
-    assert not (run / "final" / "eval.json").exists()
+    assert not (run / "final-eval.json").exists()
 
 
 def test_a_manifest_entry_outside_the_checkpoint_is_not_followed(run, tmp_path, capsys):

@@ -86,7 +86,9 @@ def _required_columns(spec) -> list[tuple[str, str]]:
         "classification": ["text_column", "label_column"] + (["text_pair_column"] if spec.text_pair_column else []),
     }[spec.format]
     # Alpaca data often has no input column at all; only a column the user named must exist.
-    if spec.format == "alpaca" and "input_column" in spec.model_fields_set:
+    # Compared with the default rather than "was it set": a checkpoint's recipe.yaml writes every key,
+    # so eval of a run trained on data without an input column would demand one.
+    if spec.format == "alpaca" and spec.input_column != type(spec).model_fields["input_column"].default:
         needed.append("input_column")
     return [(f"data.{name}", getattr(spec, name)) for name in needed]
 

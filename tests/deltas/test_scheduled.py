@@ -348,7 +348,7 @@ def test_cli_train_runs_the_schedule_then_eval_and_merge_work(tmp_path, tiny_lla
         assert any(not torch.equal(tensors[k], step_tensors[k]) for k in tensors if "lambda_b" in k)
     code, out, err = run_cli(capsys, "eval", final)
     assert code == 0, err
-    assert json.loads((final / "eval.json").read_text())["tokens"] > 0
+    assert json.loads(final.with_name("final-eval.json").read_text())["tokens"] > 0
     code, out, err = run_cli(capsys, "merge", final, "--output", tmp_path / "merged")
     assert code == 0, err
     assert "max abs diff" in out
