@@ -63,7 +63,8 @@ def eval_(
         None, "--batch-size", min=1, help="Evaluation batch size (default: the recipe's).",
     ),
     output: Optional[Path] = typer.Option(
-        None, "--output", "-o", help="Write results JSON here (default: beside the checkpoint, <checkpoint>-eval[-base].json).",
+        None, "--output", "-o",
+        help="Write results JSON here (default: beside the checkpoint, <checkpoint>-eval[-base].json).",
     ),
     base_model: Optional[str] = typer.Option(None, "--base-model", help=BASE_MODEL_HELP),
 ):
