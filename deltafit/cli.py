@@ -183,11 +183,15 @@ def _method_lists_in_help(argv: list[str]) -> None:
 
 
 def _quiet_import_warnings() -> None:
-    """transformers imports torchao (QLoRA's NF4) whenever it is installed; torchao then logs one
-    warning per CUDA kernel a CPU build cannot load, and torch warns about its pytree registrations.
-    Neither matters to deltafit's use (NF4 is pure PyTorch), so keep them off the console."""
+    """transformers imports torchao whenever it is installed (for its own torchao quantizer, which
+    deltafit never uses); torchao then logs one warning per CUDA kernel a CPU build cannot load, torch
+    warns about its pytree registrations, and the import costs ~0.7 s. So a fresh deltafit process
+    hides torchao from transformers; QLoRA, the one method that needs it, imports it itself
+    (`deltafit.deltas.qlora._nf4`). The loggers are quieted too, for processes that import it anyway."""
     import logging
 
+    if "transformers" not in sys.modules:
+        sys.modules.setdefault("torchao", None)  # `import torchao` fails; find_spec says "not installed"
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

@@ -63,6 +63,8 @@ def _sample_inputs(tokenizer) -> dict:
 
 def _save_pretrained(model, tokenizer, out: Path) -> None:
     """save_pretrained into a temp sibling, renamed into place: no half-written model directory."""
-    with atomic_dir(out) as tmp:
+    from deltafit.model import quiet_loading
+
+    with atomic_dir(out) as tmp, quiet_loading():  # no transformers progress bar: deltafit reports the save
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

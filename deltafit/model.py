@@ -94,7 +94,7 @@ def build_model(spec, num_labels: Optional[int] = None, label_names: Optional[li
         kwargs.update(_label_kwargs(num_labels or spec.num_labels, label_names))
     auto = getattr(transformers, TASK_CLASSES[spec.task])
     try:
-        with _quiet_loading():
+        with quiet_loading():
             model, info = auto.from_pretrained(
                 ref.path, dtype=getattr(torch, spec.dtype), output_loading_info=True, **kwargs
             )
@@ -205,7 +205,7 @@ def _write_dequantized(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"dequantizing {gguf.name} into a plain model (once; cached in {target.parent})", file=sys.stderr)
-    with _quiet_loading():
+    with quiet_loading():
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # Without the GGUF quantization_config, the copy loads as an ordinary (savable, trainable) model.
@@ -249,7 +249,7 @@ def _label_kwargs(num_labels: Optional[int], label_names: Optional[list[str]]) -
     return {"num_labels": num_labels or 2}
 
 
-class _quiet_loading:
+class quiet_loading:
     """Silence transformers' load reports and progress bars: deltafit reports what matters itself."""
 
     def __enter__(self):

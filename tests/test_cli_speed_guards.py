@@ -57,6 +57,23 @@ def test_help_of_every_command_loads_no_heavy_package():
     assert _heavy_modules_after(code) == []
 
 
+def test_commands_that_do_not_quantize_never_import_torchao(tmp_path, tiny_llama, alpaca_file):
+    """torchao (QLoRA's NF4) costs ~0.7 s and logs CUDA-kernel warnings when transformers imports it:
+    a fresh deltafit process keeps it unloaded unless the method is QLoRA, which still gets it."""
+    loaded = {}
+    for method in ("lora", "qlora"):
+        recipe = write_recipe(tmp_path / f"{method}.yaml", tiny_llama, {"train": str(alpaca_file), "format": "alpaca"},
+                              delta={"method": method, "r": 4, "alpha": 8})
+        argv = ["train", str(recipe), "--output", str(tmp_path / method), "--set", "train.max_steps=1"]
+        code = (f"import sys\nfrom deltafit.cli import main\nmain({argv!r})\n"
+                "print(sys.modules.get('torchao') is not None)")
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "Failed to load" not in done.stderr and "Traceback" not in done.stderr
+        loaded[method] = done.stdout.strip().splitlines()[-1] == "True"
+    assert loaded == {"lora": False, "qlora": True}
+
+
 # ----------------------------------------------------------------------------------------------
 
 

@@ -67,6 +67,7 @@ class QLoRA(Delta):
                    "merges into the dequantized base.")
     lossy_base = True
     Config = QLoRAConfig
+    check_fits = LoRA.check_fits  # the same r beside the same targets, checked before anything is quantized
 
     def _attach(self, model: nn.Module) -> None:
         c = self.config
@@ -160,6 +161,8 @@ def _nf4():
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
+    if sys.modules.get("torchao", False) is None:
+        del sys.modules["torchao"]  # hidden from transformers by the CLI (cli._quiet_import_warnings)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
