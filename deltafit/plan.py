@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from deltafit import deltas
 from deltafit.deltas._targets import HEAD_NAMES
+from deltafit.limits import check_recipe_fits
 
 
 def make_plan(recipe) -> dict:
@@ -16,9 +17,10 @@ def make_plan(recipe) -> dict:
     data["packing"] = {True: f"on (rows of <= {recipe.data.max_length} tokens, per-example attention)", False: "off",
                        None: "auto (on where it saves >= 10% of batch positions)"}[packing]
     model = meta_model(recipe.model, num_labels=len(data.get("labels") or []) or None)
+    check_recipe_fits(recipe, model.config, data.get("labels"))  # positions and classes; sizes: delta.check_fits
     total = sum(p.numel() for p in model.parameters())
     delta = deltas.build(recipe.delta)
-    delta.attach(model, head=_head_guess(model, recipe.model.task))
+    delta.attach(model, head=_head_guess(model, recipe.model.task))  # refuses sizes the model cannot use
     if recipe.train.max_steps:  # with epochs the step count depends on the tokenized data: train checks it
         delta.check_run(recipe.train.max_steps)
     delta_params = sum(p.numel() for p in delta.delta_parameters().values())

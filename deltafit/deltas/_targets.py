@@ -105,3 +105,43 @@ def _normalize_layers(model: nn.Module, layers: list[int]) -> set[int]:
         raise UserError(f"recipe key 'delta.layers': {bad} out of range for a model with {total} blocks "
                         f"(valid: 0..{total - 1} or negative)")
     return {i % total for i in layers}
+
+
+# -- sizes the model can use (called from the methods' `check_fits`, before anything is allocated) --
+
+
+def refuse_above(key: str, value: int, limit: int, why: str) -> None:
+    """The one message of every size check: recipe key, value, why it cannot fit, the valid range."""
+    if value > limit:
+        raise UserError(f"recipe key '{key}': {value} {why}; valid: 1..{limit}")
+
+
+def shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a linear-like target, read off its attributes or its weight."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.out_features), int(module.in_features)
+    out, in_ = module.weight.shape[:2]
+    return int(out), int(in_)
+
+
+def check_rank(targets: dict[str, nn.Module], r: int, key: str = "delta.r") -> None:
+    """Refuse a rank above min(in_features, out_features) of a target: a low-rank update of such a layer
+    is at most that rank, so a larger r adds parameters but no expressiveness. Names the narrowest
+    target and the largest useful value."""
+    if not targets:
+        return
+    name = min(targets, key=lambda n: min(shape(targets[n])))
+    out, in_ = shape(targets[name])
+    limit = min(out, in_)
+    refuse_above(key, r, limit, f"is above the rank '{name}' can take ({out} x {in_}: at most {limit}); "
+                                f"a larger rank adds parameters but no expressiveness")
+
+
+def check_within_base(model: nn.Module, key: str, value: int, numbers_per_unit: int, what: str) -> None:
+    """Refuse `value` when it would give `what` value * numbers_per_unit numbers, more than the base
+    model's own parameter count: a sane bound for sizes no rank limit covers (VeRA's shared rank,
+    which the paper sets above small layers' dimensions)."""
+    base = sum(p.numel() for p in model.parameters())
+    refuse_above(key, value, max(1, base // numbers_per_unit),
+                 f"would give {what} {value * numbers_per_unit:,} numbers, more than the whole base model "
+                 f"({base:,} parameters)")

@@ -35,7 +35,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from deltafit.deltas._lowrank import ImportanceEMA, cubic_schedule, orthogonality_penalty
-from deltafit.deltas._targets import find_targets
+from deltafit.deltas._targets import check_rank, find_targets
 from deltafit.deltas.base import Delta, TargetedConfig
 from deltafit.errors import UserError
 
@@ -108,6 +108,11 @@ class AdaLoRA(Delta):
         self.ema = ImportanceEMA(config.beta1, config.beta2)
         self.kept: dict[str, torch.Tensor] = {}  # host key -> bool mask of kept triplets (the rank pattern)
         self._grads: tuple[int, dict[str, torch.Tensor]] = (0, {})  # (step, gradients kept for on_step_end)
+
+    def check_fits(self, model: nn.Module) -> None:
+        # target_r <= init_r (validated with the config), so init_r is the one rank to check
+        check_rank(find_targets(model, self.config.target_modules, self.config.layers), self.config.init_r,
+                   key="delta.init_r")
 
     def _attach(self, model: nn.Module) -> None:
         c = self.config

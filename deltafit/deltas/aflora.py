@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from deltafit.deltas._lowrank import ImportanceEMA, cubic_schedule
-from deltafit.deltas._targets import find_targets
+from deltafit.deltas._targets import check_rank, find_targets
 from deltafit.deltas.base import Delta, TargetedConfig
 from deltafit.errors import UserError
 
@@ -95,6 +95,9 @@ class AFLoRA(Delta):
         self.window: dict[str, torch.Tensor] = {}  # name -> sum of |grad| over the open window
         self.window_steps = 0
         self.frozen: set[str] = set()
+
+    def check_fits(self, model: nn.Module) -> None:
+        check_rank(find_targets(model, self.config.target_modules, self.config.layers), self.config.r)
 
     def _attach(self, model: nn.Module) -> None:
         c = self.config

@@ -88,7 +88,11 @@ class Delta:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def attach(self, model: nn.Module, head: Iterable[str] = ()) -> None:
-        """Freeze the base, insert the delta, and let the task head (e.g. a new classifier) train."""
+        """Freeze the base, insert the delta, and let the task head (e.g. a new classifier) train.
+
+        `check_fits` runs first: a size the model cannot use is refused before anything is touched
+        or allocated (on a meta-device model for `validate`, on the real one for `train`)."""
+        self.check_fits(model)
         self.model = model
         self._grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
@@ -188,6 +192,12 @@ class Delta:
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Called after every optimizer step (rank budgets, freezing schedules...)."""
+
+    def check_fits(self, model: nn.Module) -> None:
+        """Refuse, with a UserError naming the recipe key, the value and what would be valid, a size
+        this model cannot use (a rank above a target's dimensions...). Called by `attach` before any
+        parameter is created; must only read shapes (the model may be on the meta device). The shared
+        checks are in `deltafit.deltas._targets` (`check_rank`, `check_within_base`, `refuse_above`)."""
 
     def check_run(self, total_steps: int) -> None:
         """Refuse a run too short for the method's schedule with a UserError naming the recipe keys;

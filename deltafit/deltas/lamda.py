@@ -40,9 +40,8 @@ from pydantic import Field
 from torch import nn
 
 from deltafit.deltas._lowrank import SpectralUpdate, columns_frozen
-from deltafit.deltas._targets import find_targets
+from deltafit.deltas._targets import check_rank, find_targets
 from deltafit.deltas.base import Delta, TargetedConfig
-from deltafit.errors import UserError
 
 
 class LaMDAConfig(TargetedConfig):
@@ -63,10 +62,13 @@ class LaMDA(Delta):
     description = "Trainable r x r core between frozen singular-vector projections of W0; B freezes early."
     Config = LaMDAConfig
 
+    def check_fits(self, model: nn.Module) -> None:
+        # A and B are r singular vectors of W0: r cannot exceed its smaller dimension
+        check_rank(find_targets(model, self.config.target_modules, self.config.layers), self.config.r)
+
     def _attach(self, model: nn.Module) -> None:
         c = self.config
         for name, linear in find_targets(model, c.target_modules, c.layers).items():
-            check_rank(name, linear, c.r)
             update = SpectralUpdate(linear.weight, c.r, c.alpha / c.r, c.dropout)
             update.freeze(columns_frozen(0, 1, c.r, c.freeze_b_by))
             self.insertions.parallel(name, linear, "lamda", update)
@@ -87,14 +89,6 @@ class LaMDA(Delta):
         b_trains = columns_frozen(0, 1, c.r, c.freeze_b_by) < c.r
         targets = find_targets(model, c.target_modules, c.layers)
         return sum(c.r * c.r + (c.r * m.out_features if b_trains else 0) for m in targets.values())
-
-
-def check_rank(name: str, linear: nn.Module, r: int, key: str = "delta.r") -> None:
-    """A and B are r singular vectors of W0: r cannot exceed its smaller dimension."""
-    limit = min(linear.in_features, linear.out_features)
-    if r > limit:
-        raise UserError(f"recipe key '{key}': {r} is larger than '{name}' allows ({linear.out_features} x "
-                        f"{linear.in_features} has {limit} singular vectors); valid: 1..{limit}")
 
 
 DELTA = LaMDA

@@ -37,9 +37,9 @@ from pydantic import Field
 from torch import nn
 
 from deltafit.deltas._lowrank import SpectralUpdate, columns_frozen, singular_values
-from deltafit.deltas._targets import find_targets
+from deltafit.deltas._targets import check_rank, find_targets, refuse_above, shape
 from deltafit.deltas.base import Delta
-from deltafit.deltas.lamda import LaMDA, LaMDAConfig, check_rank
+from deltafit.deltas.lamda import LaMDA, LaMDAConfig
 from deltafit.errors import UserError
 
 
@@ -57,6 +57,18 @@ class LaMDAPlusPlus(Delta):
     family = "reparameterization"
     description = "LaMDA with per-layer ranks from each weight's spectral energy, same total rank budget."
     Config = LaMDAPPConfig
+
+    def check_fits(self, model: nn.Module) -> None:
+        self._check_ranks(find_targets(model, self.config.target_modules, self.config.layers))
+
+    def _check_ranks(self, targets: dict[str, nn.Module]) -> None:
+        """Given ranks (a checkpoint's) each fit their module; else r x layers fits the layers together."""
+        c = self.config
+        if c.ranks is None:
+            check_budget(targets, c.r)
+            return
+        for name in sorted(set(c.ranks) & set(targets)):  # naming other modules is refused by `_ranks`
+            check_rank({name: targets[name]}, c.ranks[name], key=f"delta.ranks.{name}")
 
     def _attach(self, model: nn.Module) -> None:
         c = self.config
@@ -77,8 +89,7 @@ class LaMDAPlusPlus(Delta):
         if set(c.ranks) != set(targets):
             odd = sorted(set(c.ranks) ^ set(targets))
             raise UserError(f"recipe key 'delta.ranks': must name exactly the adapted modules; differs at {odd[:3]}")
-        for name, linear in targets.items():
-            check_rank(name, linear, c.ranks[name], key=f"delta.ranks.{name}")
+        self._check_ranks(targets)
         return dict(c.ranks)
 
     # The B-freezing schedule and its saved state are LaMDA's (the fold is the base class's): only the ranks differ.
@@ -110,15 +121,21 @@ def energy_score(weight, r: int) -> float:
 def spectral_ranks(targets: dict[str, nn.Module], r: int) -> dict[str, int]:
     """Per-module ranks summing to r * len(targets), from the normalized energy scores."""
     names = list(targets)
-    caps = [min(targets[n].in_features, targets[n].out_features) for n in names]
+    check_budget(targets, r)
+    caps = [min(shape(targets[n])) for n in names]
     if any(targets[n].weight.device.type == "meta" for n in names):  # no weights, no spectrum
         scores = [1.0] * len(names)
     else:
         scores = [energy_score(targets[n].weight, r) for n in names]
-    if sum(caps) < r * len(names):
-        raise UserError(f"recipe key 'delta.r': {r} per layer is more than these {len(names)} layers can hold "
-                        f"together ({sum(caps)} singular vectors in all); lower it")
     return dict(zip(names, allocate_ranks(scores, r * len(names), caps)))
+
+
+def check_budget(targets: dict[str, nn.Module], r: int) -> None:
+    """The layers share r x layers ranks, each at most its module's smaller dimension: refuse an r whose
+    budget they cannot hold together (one layer above its own dimensions is fine: others take the rest)."""
+    total = sum(min(shape(m)) for m in targets.values())
+    refuse_above("delta.r", r, total // max(1, len(targets)), f"per layer is more than these {len(targets)} layers "
+                 f"can hold together ({total} singular vectors in all)")
 
 
 def allocate_ranks(scores: list[float], budget: int, caps: list[int]) -> list[int]:

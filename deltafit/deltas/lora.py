@@ -8,7 +8,7 @@ from pydantic import Field
 from torch import nn
 
 from deltafit.deltas._lowrank import LowRankUpdate, lora_scale
-from deltafit.deltas._targets import find_targets
+from deltafit.deltas._targets import check_rank, find_targets
 from deltafit.deltas.base import Delta, TargetedConfig
 from deltafit.errors import UserError
 
@@ -31,6 +31,9 @@ class LoRA(Delta):
     family = "reparameterization"
     description = "Low-rank update B A beside chosen linear layers; merges into the weights."
     Config = LoRAConfig
+
+    def check_fits(self, model: nn.Module) -> None:
+        check_rank(find_targets(model, self.config.target_modules, self.config.layers), self.config.r)
 
     def _attach(self, model: nn.Module) -> None:
         c = self.config

@@ -42,6 +42,7 @@ class LoRAFA(Delta):
     family = "reparameterization"
     description = "LoRA with A frozen at its random init and only B trained (less activation memory); merges."
     Config = LoRAFAConfig
+    check_fits = LoRA.check_fits  # the same r beside the same targets
 
     def _attach(self, model: nn.Module) -> None:
         c = self.config

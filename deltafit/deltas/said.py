@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from deltafit.deltas._targets import find_targets
+from deltafit.deltas._targets import find_targets, refuse_above, shape
 from deltafit.deltas.base import Delta, TargetedConfig
 
 SHARED = "said"  # where theta_d hangs, on the model's root
@@ -151,6 +151,15 @@ class SAID(Delta):
     family = "reparameterization"
     description = "One shared d-dim vector through fixed random Fastfood projections, one scale per tensor; merges."
     Config = SAIDConfig
+
+    def check_fits(self, model: nn.Module) -> None:
+        # theta_d reaches the model only through the adapted weights: a d above their count adds no
+        # expressiveness, only O(d) projection memory per weight (and stays below the base's own size).
+        targets = find_targets(model, self.config.target_modules, self.config.layers).values()
+        total = sum(out * in_ for out, in_ in map(shape, targets))
+        refuse_above("delta.dimension", self.config.dimension, total,
+                     f"is more than the {total:,} numbers of the {len(targets)} adapted weights it reparameterizes "
+                     f"(a larger d adds no expressiveness, only projection memory)")
 
     def _attach(self, model: nn.Module) -> None:
         c = self.config

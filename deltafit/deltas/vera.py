@@ -17,7 +17,7 @@ from pydantic import Field
 from torch import nn
 
 from deltafit.deltas._lowrank import seeded_kaiming_uniform
-from deltafit.deltas._targets import find_targets
+from deltafit.deltas._targets import check_within_base, find_targets, shape
 from deltafit.deltas.base import Delta, TargetedConfig
 from deltafit.errors import UserError
 
@@ -91,6 +91,14 @@ class VeRA(Delta):
     family = "reparameterization"
     description = "Trainable scaling vectors around frozen random low-rank projections shared by all layers; merges."
     Config = VeRAConfig
+
+    def check_fits(self, model: nn.Module) -> None:
+        # r may exceed every layer's dimensions (the paper: 256-1024), so the bound is the shared A and B
+        # (r x in_max + out_max x r) outgrowing the whole base model.
+        targets = find_targets(model, self.config.target_modules, self.config.layers).values()
+        in_max, out_max = max(shape(m)[1] for m in targets), max(shape(m)[0] for m in targets)
+        check_within_base(model, "delta.r", self.config.r, in_max + out_max,
+                          f"the frozen shared projections (r x {in_max} + {out_max} x r)")
 
     def _attach(self, model: nn.Module) -> None:
         c = self.config
