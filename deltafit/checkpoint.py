@@ -17,7 +17,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import yaml
@@ -54,8 +54,11 @@ def metadata(recipe, delta, label_names: Optional[list[str]], step: int, epoch: 
 
 
 def save(directory: Path, meta: dict, tensors: dict[str, torch.Tensor], recipe_dict: dict,
-         trainer_state: Optional[dict] = None) -> Path:
-    """Write a checkpoint atomically (temp dir + rename); replaces an existing one of that name."""
+         trainer_state: Optional[dict] = None, before_metadata: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write a checkpoint atomically (temp dir + rename); replaces an existing one of that name.
+
+    `before_metadata(tmp_dir)`, when given, is called once every other file is in the temporary
+    directory, just before the manifest and metadata (the training loop's `during_save` hook)."""
     directory = Path(directory)
     try:
         with atomic_dir(directory, replace=True, durable=True) as tmp:
@@ -63,6 +66,8 @@ def save(directory: Path, meta: dict, tensors: dict[str, torch.Tensor], recipe_d
             (tmp / RECIPE).write_text(yaml.safe_dump(recipe_dict, sort_keys=False), encoding="utf-8")
             if trainer_state is not None:
                 _save_trainer_state(tmp / TRAINER, trainer_state)
+            if before_metadata is not None:
+                before_metadata(tmp)
             meta = {**meta, "files": _manifest(tmp)}  # sizes and hashes: a damaged file is caught on load
             _write_json(tmp / META, meta)  # written last: its presence marks the content complete
     except OSError as e:  # disk full, quota, permissions: the partial copy is gone, the old one kept
@@ -122,8 +127,10 @@ def read_meta(directory: Path) -> dict:
     missing = [k for k in ("method", "delta_config", "model", "task") if k not in meta]
     if missing:
         raise UserError(f"checkpoint '{directory}': {META} lacks {', '.join(missing)}")
+    _check_meta_types(directory, meta)
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise UserError(f"checkpoint '{directory}' was written by a newer deltafit (format {meta['format_version']}); upgrade deltafit")
+        raise UserError(f"checkpoint '{directory}' was written by a newer deltafit "
+                        f"(format {meta['format_version']}); upgrade deltafit")
     _check_delta_config(directory, meta)
     return meta
 
@@ -138,6 +145,72 @@ def _check_delta_config(directory: Path, meta: dict) -> None:
     config = validate_delta(meta["delta_config"], source=where)
     if meta["method"] != config.method:
         raise UserError(f"{where}: method '{meta['method']}' does not match delta_config's method '{config.method}'")
+
+
+def _check_meta_types(directory: Path, meta: dict) -> None:
+    """Every metadata field a command reads has the type `metadata` writes (checked up front: a wrong
+    one would otherwise fail deep inside eval, merge, export or resume). Optional fields may be absent."""
+    from typing import get_args
+
+    from pydantic import ValidationError
+
+    from deltafit.recipe import ModelSpec
+
+    tasks = get_args(ModelSpec.model_fields["task"].annotation)
+    checks = {**_META_TYPES, "task": (lambda v: isinstance(v, str) and v in tasks, f"one of {', '.join(tasks)}")}
+    for key, (ok, expected) in checks.items():
+        if key in meta and not ok(meta[key]):
+            raise UserError(f"checkpoint '{directory}': {META} key '{key}' must be {expected}, "
+                            f"got {_json_shown(meta[key])}")
+    # The model section's known fields as a recipe has them (unknown keys: older deltafits wrote others).
+    try:
+        ModelSpec.model_validate({k: v for k, v in meta["model"].items() if k in ModelSpec.model_fields})
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(["model", *(str(p) for p in err["loc"])])
+        if err["type"] == "missing":
+            raise UserError(f"checkpoint '{directory}': {META} lacks key '{key}'") from None
+        raise UserError(f"checkpoint '{directory}': {META} key '{key}': {err['msg']}, "
+                        f"got {_json_shown(err.get('input'))}") from None
+
+
+def _whole(value) -> bool:
+    return type(value) is int and value >= 0  # not a bool, not 1.5
+
+
+def _real(value) -> bool:
+    import math
+
+    return type(value) in (int, float) and math.isfinite(value) and value >= 0
+
+
+def _manifest_ok(files) -> bool:
+    return isinstance(files, dict) and all(
+        isinstance(w, dict) and _whole(w.get("bytes")) and isinstance(w.get("sha256"), str) for w in files.values())
+
+
+def _label_names_ok(names) -> bool:
+    return names is None or (isinstance(names, list) and len(names) >= 2 and len(set(map(str, names))) == len(names)
+                             and all(isinstance(n, str) for n in names))
+
+
+def _json_shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# deltafit.json key -> (check, what it must be); "task" is added from the recipe's model.task choices.
+_META_TYPES = {
+    "format_version": (_whole, "a whole number >= 0"),
+    "deltafit_version": (lambda v: isinstance(v, str), "a version string"),
+    "method": (lambda v: isinstance(v, str), "a method name (a string)"),
+    "delta_config": (lambda v: isinstance(v, dict), "a mapping of the method's options"),
+    "model": (lambda v: isinstance(v, dict), "a mapping (the recipe's model section: name, task...)"),
+    "label_names": (_label_names_ok, "null or a list of at least two distinct label strings"),
+    "step": (lambda v: v is None or _whole(v), "a whole number >= 0"),
+    "epoch": (lambda v: v is None or _real(v), "a number >= 0"),
+    "files": (_manifest_ok, "a mapping of file names to {\"bytes\": whole number, \"sha256\": string}"),
+}
 
 
 def read_recipe_dict(directory: Path) -> dict:
@@ -186,7 +259,9 @@ def latest_step_checkpoint(checkpoints: Path) -> Optional[Path]:
 def damage(directory: Path, meta: dict) -> Optional[str]:
     """What is wrong with a checkpoint's files against the manifest in its metadata, or None."""
     files = meta.get("files") or {}
-    if not isinstance(files, dict) or not all(isinstance(w, dict) and {"bytes", "sha256"} <= set(w) for w in files.values()):
+    if not isinstance(files, dict) or not all(
+        isinstance(w, dict) and {"bytes", "sha256"} <= set(w) for w in files.values()
+    ):
         return f"the file manifest in {META} is malformed"
     for name, want in files.items():
         path = directory / name
@@ -243,7 +318,8 @@ def load_trainer_state(directory: Path) -> dict:
         tensors = load_file(str(directory / TRAINER / "state.safetensors"))
         plain = json.loads((directory / TRAINER / "state.json").read_text())
     except (OSError, SafetensorError, ValueError) as e:
-        raise UserError(f"checkpoint '{directory}' cannot be resumed: trainer state is missing or damaged ({e})") from None
+        raise UserError(f"checkpoint '{directory}' cannot be resumed: "
+                        f"trainer state is missing or damaged ({e})") from None
     _check_trainer_state(directory, tensors, plain)
     torch.set_rng_state(tensors.pop("rng.torch"))
     cuda = [tensors.pop(k) for k in sorted(k for k in list(tensors) if k.startswith("rng.cuda."))]

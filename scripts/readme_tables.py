@@ -44,7 +44,7 @@ SECTIONS = {"methods": methods_table, "recipe-reference": recipe_reference}
 def render(text: str) -> str:
     for key, make in SECTIONS.items():
         pattern = re.compile(rf"(<!-- {key}:begin -->\n).*?(<!-- {key}:end -->)", re.S)
-        text, found = pattern.subn(lambda m: m.group(1) + make() + "\n" + m.group(2), text)
+        text, found = pattern.subn(lambda m, make=make: m.group(1) + make() + "\n" + m.group(2), text)
         if not found:
             raise SystemExit(f"README.md lacks the <!-- {key}:begin/end --> markers")
     return text

@@ -152,7 +152,8 @@ def test_chunked_loss_projects_only_counted_tokens_a_chunk_at_a_time(small_chunk
 
 
 def test_chunked_loss_accepts_prepare_inputs_kwargs_of_prefix_and_prompt(small_chunks):
-    for method, options in (("prefix", {"num_virtual_tokens": 3}), ("prompt", {"num_virtual_tokens": 3, "init": "random"})):
+    for method, options in (("prefix", {"num_virtual_tokens": 3}),
+                            ("prompt", {"num_virtual_tokens": 3, "init": "random"})):
         model = _tiny_causal_lm()
         delta = _attach(model, method, **options)
         model.train()

@@ -1,10 +1,10 @@
 """Training you can trust: exact resume after SIGKILL, graceful SIGINT/SIGTERM, checkpoints that
 are never half-picked-up, non-finite losses, full disks.
 
-Runs that must be killed mid-flight run as real subprocesses (`python -m deltafit train`). A tiny
-model trains in milliseconds per step, so the child slows each forward pass a little (a wrapper
-installed before the CLI starts, see CHILD) to leave time to kill it between steps and during a
-save; nothing in deltafit itself changes.
+Runs that must be killed mid-flight run as real subprocesses (`deltafit train` through the CLI's
+own entry point). A tiny model trains in milliseconds per step, so the child slows each forward
+pass a little to leave time to kill it between steps, and can kill itself in the middle of a
+checkpoint write: both through the trainer's public hooks (`deltafit.train.TrainHooks`, see CHILD).
 """
 
 from __future__ import annotations
@@ -26,41 +26,40 @@ from tests.helpers import run_cli, write_recipe
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 16
 
-# The child: optionally slow each forward pass, optionally SIGKILL itself while writing the trainer
-# state of a chosen step checkpoint (after the delta tensors are on disk, before the metadata).
+# The child: `deltafit train ...` with two optional hooks: sleep before each forward pass, and SIGKILL
+# itself while writing a chosen step checkpoint (every file but the metadata is in the temp
+# directory; one is cut short first, as if the kill had come in the middle of writing it).
 CHILD = """
 import os, signal, sys, time
-import deltafit.train as train, deltafit.checkpoint as checkpoint
-delay = float(os.environ.get("SLOW_FORWARD", "0"))
-forward = train._forward
-def slow_forward(*args, **kwargs):
-    time.sleep(delay)
-    return forward(*args, **kwargs)
-train._forward = slow_forward
-kill_at = os.environ.get("KILL_DURING_SAVE")
-save_state = checkpoint._save_trainer_state
-def dying_save_state(directory, state):
-    if kill_at and state["progress"]["step"] == int(kill_at):
-        (directory).mkdir()
-        (directory / "state.safetensors").write_bytes(b"half")
-        os.kill(os.getpid(), signal.SIGKILL)
-    return save_state(directory, state)
-checkpoint._save_trainer_state = dying_save_state
+from pathlib import Path
 from deltafit.cli import main
-main(sys.argv[1:])
+from deltafit.train import TrainHooks, use_hooks
+delay = float(os.environ.get("SLOW_FORWARD", "0"))
+kill_at = int(os.environ.get("KILL_DURING_SAVE", "0"))
+def slow_forward(run, batch):
+    time.sleep(delay)
+def die_during_save(run, tmp_dir):
+    if run.progress.step == kill_at and (Path(tmp_dir) / "trainer").is_dir():
+        state = Path(tmp_dir) / "trainer" / "state.safetensors"
+        state.write_bytes(state.read_bytes()[:7])
+        os.kill(os.getpid(), signal.SIGKILL)
+with use_hooks(TrainHooks(before_forward=slow_forward, during_save=die_during_save)):
+    main(sys.argv[1:])
 """
 
 
 @pytest.fixture()
 def recipe(tmp_path, tiny_llama, alpaca_file):
     # Dropout on the LoRA path makes the run depend on the RNG state, which resume must restore.
-    return write_recipe(tmp_path / "r.yaml", tiny_llama, {"train": str(alpaca_file), "format": "alpaca", "max_length": 200},
+    return write_recipe(tmp_path / "r.yaml", tiny_llama,
+                        {"train": str(alpaca_file), "format": "alpaca", "max_length": 200},
                         delta={"method": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
                         train={"max_steps": STEPS, "batch_size": 2, "grad_accum": 2, "save_every": 3, "keep_last": 10,
                                "lr": 5e-3, "scheduler": "cosine", "warmup_steps": 2, "weight_decay": 0.01})
 
 
-def start(recipe: Path, output: Path, *extra, slow: float = 0.0, kill_during_save: int | None = None) -> subprocess.Popen:
+def start(recipe: Path, output: Path, *extra, slow: float = 0.0,
+          kill_during_save: int | None = None) -> subprocess.Popen:
     env = {**os.environ, "SLOW_FORWARD": str(slow), "PYTHONPATH": str(ROOT)}
     if kill_during_save:
         env["KILL_DURING_SAVE"] = str(kill_during_save)
@@ -173,7 +172,8 @@ def test_a_damaged_latest_checkpoint_is_passed_over(recipe, tmp_path, capsys, da
     code, out, err = run_cli(capsys, "train", recipe, "--output", run, "--set", "train.max_steps=7")
     assert code == 0, err
     latest = run / "checkpoints" / "step-00000006"
-    target = {"truncate tensors": latest / "delta.safetensors", "truncate trainer state": latest / "trainer" / "state.safetensors",
+    target = {"truncate tensors": latest / "delta.safetensors",
+              "truncate trainer state": latest / "trainer" / "state.safetensors",
               "delete metadata": latest / "deltafit.json"}[damage]
     if damage == "delete metadata":
         target.unlink()
@@ -195,7 +195,8 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(recipe
     run = tmp_path / "diverged"
     # An absurd learning rate without clipping blows the weights up within a few steps.
     code, out, err = run_cli(capsys, "train", recipe, "--output", run, "--set", "train.lr=1e30",
-                             "--set", "train.max_grad_norm=null", "--set", "train.save_every=1", "--set", "train.warmup_steps=0")
+                             "--set", "train.max_grad_norm=null", "--set", "train.save_every=1",
+                             "--set", "train.warmup_steps=0")
     assert code == 2
     message = err.strip().splitlines()[-1]
     assert "training stopped at step" in message and "non-finite" in message and "on_nonfinite=skip" in message
