@@ -41,12 +41,20 @@ def train(
         help="Continue from the latest step checkpoint in the output directory ('--resume'), or from a given one "
         "('--resume PATH').",
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite",
+        help="Train afresh in an output directory that holds an earlier run (its checkpoints are replaced).",
+    ),
+    allow_changes: bool = typer.Option(
+        False, "--allow-changes",
+        help="With --resume: continue although the recipe changed keys that shape the delta or the data order.",
+    ),
 ):
     """Fine-tune the recipe's model with its delta method and save a delta-only checkpoint."""
     from deltafit.recipe import load_recipe
     from deltafit.train import fit
 
-    fit(load_recipe(recipe, set_ or []), output, resume)
+    fit(load_recipe(recipe, set_ or []), output, resume, overwrite=overwrite, allow_changes=allow_changes)
 
 
 @app.command("eval")
@@ -214,7 +222,7 @@ def _click_errors() -> tuple:
 
 
 def _click_abort() -> tuple:
-    return tuple(m.Abort for m in _click_exception_modules())
+    return tuple(m.Abort for m in _click_exception_modules() if hasattr(m, "Abort"))
 
 
 def _bare_resume(argv: list[str]) -> list[str]:

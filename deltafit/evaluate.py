@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -63,12 +64,31 @@ def _score_cls(model, prepare, loader, accelerator) -> dict:
 
 @lru_cache(maxsize=1)
 def classification_metric():
-    """The `evaluate` metric module shipped in deltafit (loads offline, by path)."""
+    """The `evaluate` metric module shipped in deltafit (loads offline, by path).
+
+    `evaluate` copies the module into its modules cache (under HF_HOME) before importing it; where
+    that cannot be written (a read-only or missing HOME) a temporary folder serves, so scoring never
+    fails on a cache. Scores are kept in memory: no cache files either."""
+    import tempfile
+
     import evaluate
+    import evaluate.config
 
     import deltafit.metric_modules as modules
 
-    return evaluate.load(str(Path(modules.__path__[0]) / "classification.py"))
+    for name in ("HF_MODULES_CACHE", "HF_METRICS_CACHE"):
+        if not _can_create(Path(getattr(evaluate.config, name))):
+            setattr(evaluate.config, name, Path(tempfile.mkdtemp(prefix=f"deltafit-{name.lower()}-")))
+    return evaluate.load(str(Path(modules.__path__[0]) / "classification.py"), keep_in_memory=True,
+                         cache_dir=str(evaluate.config.HF_METRICS_CACHE))
+
+
+def _can_create(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return os.access(folder, os.W_OK)
+    except OSError:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------

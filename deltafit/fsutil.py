@@ -89,11 +89,11 @@ def new_output_dir(out: Path, source: Optional[Path] = None, option: str = "--ou
     resolved = out.resolve()
     if source is not None and (resolved == Path(source).resolve() or Path(source).resolve() in resolved.parents):
         raise UserError(f"{option} '{out}' must not be inside the checkpoint '{source}' (choose a new directory)")
-    check_outside_checkpoints(out, option)
     if out.exists() and not out.is_dir():
         raise UserError(f"{option} '{out}' is an existing file; choose a new directory")
     if out.is_dir() and any(out.iterdir()):
         raise UserError(f"{option} '{out}' exists and is not empty; choose a new directory")
+    check_outside_checkpoints(out, option)
     check_writable_dir(out, option)
     return out
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from deltafit.errors import UserError
-from deltafit.fsutil import atomic_dir
+from deltafit.fsutil import atomic_dir, check_writable_dir
 
 CACHE_VERSION = 2  # bump when the dequantized cache's layout changes, so stale copies are rebuilt
 TASK_CLASSES = {"causal-lm": "AutoModelForCausalLM", "seq-cls": "AutoModelForSequenceClassification"}
@@ -189,6 +189,15 @@ def _dequantized(ref: ModelRef) -> ModelRef:
     gguf = Path(ref.path) / ref.gguf_file
     target = cache_dir() / "gguf" / _file_key(gguf)
     if not (target / "config.json").is_file():
+        try:
+            check_writable_dir(target.parent, "cache")
+        except UserError as e:  # no cache to keep it in (read-only HOME...): this process's own copy
+            import sys
+            import tempfile
+
+            target = Path(tempfile.mkdtemp(prefix="deltafit-gguf-")) / "model"
+            print(f"warning: {e}; dequantizing into {target} for this run only (set DELTAFIT_CACHE to keep it)",
+                  file=sys.stderr)
         _write_dequantized(gguf, target)
     return ModelRef(str(target), None, True)
 
@@ -222,8 +231,9 @@ def _write_dequantized(gguf: Path, target: Path) -> None:
 
 
 def cache_dir() -> Path:
+    # An empty variable counts as unset (as XDG says): an empty XDG_CACHE_HOME is not the working directory.
     root = (os.environ.get("DELTAFIT_CACHE")
-            or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deltafit")
+            or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deltafit")
     return Path(root)
 
 

@@ -4,6 +4,7 @@ work, and a mistaken output path is one clean error (exit 2) that leaves every e
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -93,3 +94,81 @@ def test_a_new_output_inside_another_checkpoint_is_refused(run, capsys, tmp_path
     code, _, err = run_cli(capsys, "merge", run / "final", "--output", tmp_path / "adapter" / "merged")
     assert_one_clean_line(code, err, "--output", "inside the checkpoint", "adapter_config.json")
     assert tree_digest(run / "final") == before
+
+
+def test_training_again_into_a_finished_run_is_refused(run, capsys, tmp_path):
+    """Without --resume a new run would silently replace final/: refused, naming the ways out;
+    --overwrite trains afresh and replaces it."""
+    recipe = run.parent / "r.yaml"
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(run), str(copy)], check=True)
+    before = tree_digest(copy / "final")
+    code, _, err = run_cli(capsys, "train", recipe, "--output", copy)
+    assert_one_clean_line(code, err, f"--output '{copy}'", "already holds a trained run", "--resume", "--overwrite")
+    assert tree_digest(copy / "final") == before
+    code, _, err = run_cli(capsys, "train", recipe, "--output", copy, "--overwrite", "--set", "train.seed=7")
+    assert code == 0, err
+    assert tree_digest(copy / "final") != before
+
+
+def test_training_into_a_checkpoint_directory_is_refused(run, capsys):
+    code, _, err = run_cli(capsys, "train", run.parent / "r.yaml", "--output", run / "final" / "again")
+    assert_one_clean_line(code, err, "--output", "inside the checkpoint")
+
+
+@pytest.fixture(scope="module")
+def stepped(tmp_path_factory, run):
+    """The same recipe with a step checkpoint at step 1 of 3."""
+    out = tmp_path_factory.mktemp("stepped") / "run"
+    code = subprocess.run([sys.executable, "-m", "deltafit", "train", str(run.parent / "r.yaml"), "--output", str(out),
+                           "--set", "train.max_steps=3", "--set", "train.save_every=1", "--set", "train.keep_last=3"],
+                          capture_output=True, text=True, timeout=600)
+    assert code.returncode == 0, code.stderr
+    return out
+
+
+@pytest.mark.parametrize("change, key", [("delta.alpha=64", "delta.alpha"), ("delta.r=2", "delta.r"),
+                                         ("train.batch_size=2", "train.batch_size"), ("train.seed=5", "train.seed")])
+def test_resume_with_a_changed_delta_or_data_order_is_refused(run, stepped, capsys, change, key):
+    step = stepped / "checkpoints" / "step-00000001"
+    recipe = run.parent / "r.yaml"
+    base = ["train", recipe, "--output", stepped, "--set", "train.max_steps=3", "--set", "train.save_every=1",
+            "--set", "train.keep_last=3", "--resume", step]
+    before = tree_digest(stepped)
+    code, _, err = run_cli(capsys, *base, "--set", change)
+    assert_one_clean_line(code, err, f"'{key}'", "--allow-changes", str(step))
+    assert tree_digest(stepped) == before
+
+
+def test_resume_may_change_what_does_not_shape_the_run_and_allow_changes_overrides(run, stepped, capsys, tmp_path):
+    recipe = run.parent / "r.yaml"
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(stepped), str(copy)], check=True)
+    step = copy / "checkpoints" / "step-00000001"
+    common = ["train", recipe, "--output", copy, "--set", "train.save_every=1", "--set", "train.keep_last=3"]
+    code, _, err = run_cli(capsys, *common, "--set", "train.max_steps=4", "--set", "train.lr=0.001", "--resume", step)
+    assert code == 0, err  # a longer run at another learning rate: allowed
+    code, _, err = run_cli(capsys, *common, "--set", "train.max_steps=4", "--set", "delta.alpha=64",
+                           "--resume", step, "--allow-changes")
+    assert code == 0, err
+
+
+def test_an_unwritable_home_still_trains_evaluates_and_saves(tmp_path, tiny_bert):
+    """Every cache (data, evaluate's modules, metrics) lives under HOME by default: when it cannot be
+    written, training and its end-of-run evaluation go on, and the delta is saved."""
+    data = tmp_path / "cls.tsv"
+    rows = "".join(f"{'good' if i % 2 else 'bad'} film {i}\t{i % 2}\n" for i in range(16))
+    data.write_text("sentence\tlabel\n" + rows)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert, {"train": str(data), "format": "classification",
+                          "text_column": "sentence", "label_column": "label", "eval_fraction": 0.25,
+                          "max_length": 32}, task="seq-cls", train={"max_steps": 2})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "XDG_", "DELTAFIT_"))}
+    env["HOME"] = "/proc/no-such-home"  # not creatable, even for root
+    done = subprocess.run([sys.executable, "-m", "deltafit", "train", str(recipe), "--output", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert (tmp_path / "run" / "final" / "deltafit.json").is_file()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_accuracy" in r for r in records)
+    assert not (tmp_path / "deltafit").exists()  # no cache fell back into the working directory
