@@ -17,6 +17,7 @@ as is; on import it reaches `from_peft` under that full key.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -148,14 +149,70 @@ def _read_config(path: Path) -> dict:
         raise UserError(f"PEFT adapter '{path}': {CONFIG} is not readable JSON ({e})") from None
     if not isinstance(fields, dict) or "peft_type" not in fields:
         raise UserError(f"PEFT adapter '{path}': {CONFIG} has no peft_type")
+    _check_fields(fields, path)
     return fields
+
+
+def _check_fields(fields: dict, path: Path) -> None:
+    """The config fields the import reads (`PEFT_FIELDS`) have the kind of value it needs: checked
+    before any is used, so a null or a string where a number belongs names its key."""
+    peft_type = fields["peft_type"] if isinstance(fields["peft_type"], str) else ""
+    wanted = {**PEFT_FIELDS["*"], **PEFT_FIELDS.get(peft_type, {})}
+    for key, (ok, expected) in wanted.items():
+        if key not in fields and key in PEFT_REQUIRED.get(peft_type, ()):
+            raise UserError(f"PEFT adapter '{path}': {CONFIG} lacks '{key}' ({expected}), which {peft_type} "
+                            f"adapters need")
+        if key in fields and not ok(fields[key]):
+            shown = json.dumps(fields[key])
+            raise UserError(f"PEFT adapter '{path}': {CONFIG} key '{key}' must be {expected}, got "
+                            f"{shown if len(shown) <= 80 else shown[:77] + '...'}")
+
+
+def _whole(value) -> bool:
+    return type(value) is int or (type(value) is float and value.is_integer())  # JSON 8.0 is 8; a bool is not
+
+
+def _number(value) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _or_null(check):
+    return lambda value: value is None or check(value)
+
+
+_NAMES = (_or_null(lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
+          "null or a list of module names")
+_RANK = (lambda v: _whole(v) and v >= 1, "a whole number >= 1")
+_NUMBER = (_number, "a number")
+_WHOLE_OR_NULL = (_or_null(_whole), "a whole number or null")
+_NUMBER_OR_NULL = (_or_null(_number), "a number or null")
+# adapter_config.json fields the import reads ("*": every adapter; else by peft_type, for its
+# method's `from_peft`), each with a check and what it must be. Null is accepted where the reader
+# has a default for it (PEFT's own), and refused where the value is needed.
+PEFT_FIELDS = {
+    "*": {"peft_type": (lambda v: isinstance(v, str), "a PEFT type name (a string)"),
+          "base_model_name_or_path": (_or_null(lambda v: isinstance(v, str)), "a model name or path (a string)"),
+          "revision": (_or_null(lambda v: isinstance(v, str)), "a revision name (a string) or null"),
+          "modules_to_save": _NAMES},
+    "LORA": {"r": _RANK, "lora_alpha": _NUMBER, "lora_dropout": _NUMBER_OR_NULL,
+             "use_rslora": (_or_null(lambda v: isinstance(v, bool)), "true, false or null")},
+    "VERA": {"r": _RANK, "projection_prng_key": _WHOLE_OR_NULL, "d_initial": _NUMBER, "vera_dropout": _NUMBER_OR_NULL},
+    "ADALORA": {"init_r": (_or_null(_RANK[0]), "a whole number >= 1 or null"), "lora_alpha": _NUMBER_OR_NULL,
+                "lora_dropout": _NUMBER_OR_NULL,
+                **dict.fromkeys(("target_r", "tinit", "tfinal", "deltaT"), _WHOLE_OR_NULL),
+                **dict.fromkeys(("beta1", "beta2", "orth_reg_weight"), _NUMBER_OR_NULL)},
+    "PREFIX_TUNING": {"num_transformer_submodules": _WHOLE_OR_NULL},
+    "PROMPT_TUNING": {"num_transformer_submodules": _WHOLE_OR_NULL},
+}
+PEFT_REQUIRED = {"LORA": ("r", "lora_alpha"), "VERA": ("r",)}  # read without a default
 
 
 def _task(fields: dict, path: Path) -> str:
     tasks = {v: k for k, v in TASK_TYPES.items()}
     task_type = fields.get("task_type")
-    if task_type not in tasks:
-        raise UserError(f"PEFT adapter '{path}': task_type {task_type!r} is not supported; "
+    if not isinstance(task_type, str) or task_type not in tasks:
+        shown = "null" if task_type is None else repr(task_type)
+        raise UserError(f"PEFT adapter '{path}': {CONFIG} task_type {shown} is not supported; "
                         f"deltafit reads {', '.join(tasks)} adapters")
     return tasks[task_type]
 

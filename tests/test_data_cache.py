@@ -85,9 +85,8 @@ def test_same_bytes_rewritten_or_copied_still_hit(tok, rows_file, tmp_path):
 
 def _retrain_tokenizer(tok, tmp_path):
     """A tokenizer with a different vocabulary (trained on other text), same class and specials."""
-    from conftest import make_tokenizer
-
     import conftest
+    from conftest import make_tokenizer
 
     saved = conftest._CORPUS
     conftest._CORPUS = ["Add the numbers and give the sum", "one two three", "the answer is"]

@@ -12,8 +12,16 @@ import json
 import pytest
 import torch
 
-from deltafit.data import (IGNORE_INDEX, batch_tokens, example_lengths, make_collator, pack_examples, prepare_data,
-                           resolve_packing, use_packed_attention)
+from deltafit.data import (
+    IGNORE_INDEX,
+    batch_tokens,
+    example_lengths,
+    make_collator,
+    pack_examples,
+    prepare_data,
+    resolve_packing,
+    use_packed_attention,
+)
 from deltafit.errors import UserError
 from deltafit.recipe import DataSpec
 from tests.helpers import run_cli, write_recipe

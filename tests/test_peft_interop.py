@@ -364,7 +364,7 @@ def test_unsupported_peft_adapters_are_refused(peft_trained_lora, tmp_path):
     adapter, _ = peft_trained_lora
     config = json.loads((adapter / "adapter_config.json").read_text())
     for name, change, message in [
-        ("ia3", {"peft_type": "IA3"}, "IA3.*cannot be imported.*reads ADALORA, LORA, PREFIX_TUNING, PROMPT_TUNING, VERA "),
+        ("ia3", {"peft_type": "IA3"}, "IA3.*cannot be imported.*ADALORA, LORA, PREFIX_TUNING, PROMPT_TUNING, VERA "),
         ("dora", {"use_dora": True}, "use_dora=True has no deltafit equivalent"),
         ("seq2seq", {"task_type": "SEQ_2_SEQ_LM"}, "task_type 'SEQ_2_SEQ_LM' is not supported"),
     ]:

@@ -90,17 +90,17 @@ def _segments(ds, spec, tokenizer) -> list[list[tuple[str, bool]]]:
     if spec.format == "chat":
         _require_chat_template(tokenizer)
         return [_chat_segments(tokenizer, messages, spec) for messages in _column(ds, spec.messages_column)]
-    texts = [_text(t) for t in _column(ds, spec.text_column)]
+    texts = _texts(ds, spec, "text_column")
     if not spec.prompt_column:
         return [[(text, True)] for text in texts]
-    return [[(_text(p), False), (text, True)] for p, text in zip(_column(ds, spec.prompt_column), texts)]
+    return [[(p, False), (text, True)] for p, text in zip(_texts(ds, spec, "prompt_column"), texts)]
 
 
 def _alpaca_segments(ds, spec) -> list[list[tuple[str, bool]]]:
-    instructions = [_text(v) for v in _column(ds, spec.instruction_column)]
-    outputs = [_text(v) for v in _column(ds, spec.output_column)]
+    instructions = _texts(ds, spec, "instruction_column")
+    outputs = _texts(ds, spec, "output_column")
     has_input = spec.input_column in ds.column_names
-    inputs = [_text(v) for v in _column(ds, spec.input_column)] if has_input else [""] * len(ds)
+    inputs = _texts(ds, spec, "input_column") if has_input else [""] * len(ds)
     rows = []
     for instruction, inp, output in zip(instructions, inputs, outputs):
         if inp.strip():
@@ -181,6 +181,58 @@ def _text(value) -> str:
     return "" if value is None else value if isinstance(value, str) else str(value)
 
 
+def _texts(ds, spec, option: str, key: str = "") -> list[str]:
+    """The column that `data.<option>` names, as text (a missing value is ''). A value with no text
+    form (a list, a mapping, bytes, NaN) is refused: its Python repr is not what the user meant."""
+    column = getattr(spec, option)
+    values = _column(ds, column)
+    for i, value in enumerate(values):
+        kind = _not_text(value)
+        if kind:
+            of = f" of {key}" if key else ""
+            fix = ": join the parts into one string, or name another column" if kind in ("a list", "a mapping") else ""
+            raise UserError(f"recipe key 'data.{option}': column '{column}'{of} holds {kind} ({_shown(value)})"
+                            f"{_at(ds, i, spec, column)}; it must hold text{fix}")
+    return [_text(v) for v in values]
+
+
+def _not_text(value) -> Optional[str]:
+    """What a cell holds when it is no single text or number (a list, a mapping, bytes, NaN...), else None."""
+    if value is None or isinstance(value, (str, int)):  # bool is an int
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "NaN (not a number)" if math.isnan(value) else "an infinite number"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, (bytes, bytearray)):
+        return "binary data"
+    return None  # dates, decimals...: their text form is what they mean
+
+
+def _where(ds, i: int, spec, column: str) -> str:
+    """Row i as the user can find it: its line in the file when known (`ArrowRows.row_origin`), and
+    the text of its main text column (rows of a hub dataset may be shuffled by now, so its position
+    means nothing there); '' when neither is known."""
+    origin = ds.row_origin(i) if hasattr(ds, "row_origin") else ""
+    named = spec.instruction_column if spec.format == "alpaca" else spec.text_column
+    text = _column(ds, named)[i] if named != column and named in ds.column_names else None
+    if not isinstance(text, str):
+        return origin
+    return f"{origin}, whose {named} is {text[:60]!r}" if origin else f"the row whose {named} is {text[:60]!r}"
+
+
+def _at(ds, i: int, spec, column: str) -> str:
+    where = _where(ds, i, spec, column)
+    return f" at {where}" if where else ""
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 # ----------------------------------------------------------------------------------------------
 # Classification
 
@@ -205,14 +257,25 @@ def _as_number(text: str) -> Optional[float]:
 
 
 def _labels_of(ds, spec, key: str) -> list[str]:
-    values = _column(ds, spec.label_column)
-    empty = [i for i, v in enumerate(values) if v is None or v == ""]
+    """Each row's label as a string. A label is one string, number or boolean; NaN (how pandas and
+    JSON writers mark a missing number), lists (multi-label rows) and mappings are refused. The
+    string "nan" (e.g. in a TSV) stays a label: text is taken as written, and 'nan' is a real class
+    name in some data sets (ISO 639-3 code of Min Nan Chinese in language identification)."""
+    column = spec.label_column
+    values = _column(ds, column)
+    empty = [i for i, v in enumerate(values) if v is None or (isinstance(v, str) and not v.strip())]
     if empty:
-        # Rows may be shuffled by now, so the row is named by its text rather than its position.
-        text = _column(ds, spec.text_column)[empty[0]] if spec.text_column in ds.column_names else None
-        example = f" (e.g. the row whose {spec.text_column} is {str(text)[:60]!r})" if text is not None else ""
+        where = _where(ds, empty[0], spec, column)
+        example = f" (e.g. {where})" if where else ""
         raise UserError(f"recipe key 'data.label_column': {len(empty)} row(s) of {key} have no value in column "
-                        f"'{spec.label_column}'{example}; every row needs a label")
+                        f"'{column}'{example}; every row needs a label")
+    for i, value in enumerate(values):
+        kind = _not_text(value)
+        if kind:
+            fix = ("drop the row or give it a label" if isinstance(value, float)
+                   else "classification takes one label per row: a string, a number or a boolean")
+            raise UserError(f"recipe key 'data.label_column': column '{column}' of {key} holds {kind} "
+                            f"({_shown(value)}){_at(ds, i, spec, column)}; {fix}")
     return [_label_key(v) for v in values]
 
 
@@ -238,8 +301,8 @@ def _encode_classification(ds, spec, tokenizer, label_names: list[str], key: str
             raise UserError(f"recipe key 'data.label_column': label '{label}' in {key} is not one of the model's "
                             f"labels ({', '.join(index)}){did_you_mean(label, index)}")
         labels.append(index[label])
-    texts = [_text(v) for v in _column(ds, spec.text_column)]
-    pairs = [_text(v) for v in _column(ds, spec.text_pair_column)] if spec.text_pair_column else None
+    texts = _texts(ds, spec, "text_column", key)
+    pairs = _texts(ds, spec, "text_pair_column", key) if spec.text_pair_column else None
     encoded = tokenizer(texts, pairs, verbose=False)["input_ids"]
     # Long rows are re-encoded with the tokenizer's own truncation, which keeps the closing
     # special tokens and trims the longer text of a pair instead of cutting the pair's tail.

@@ -56,12 +56,14 @@ def _load_local(path: Path, split: str, key: str):
         raise UserError(f"recipe key '{key}': '{path}' has an unsupported extension "
                         f"(use one of {', '.join(LOCAL_EXTENSIONS)})")
     try:
-        return reader(path)
+        rows = reader(path)
     except UnicodeDecodeError as e:
         raise UserError(f"recipe key '{key}': file '{path}' is not UTF-8 text "
                         f"(invalid byte at offset {e.start})") from None
     except _BadFile as e:
         raise UserError(f"recipe key '{key}': file '{path}' {e}") from None
+    rows.source = str(path)  # so a bad value can be reported as "line 7 of '<path>'"
+    return rows
 
 
 def _load_hub(source: str, config: Optional[str], split: str, key: str):
@@ -85,17 +87,19 @@ def _read_json(path: Path):
     except json.JSONDecodeError as e:
         if e.msg != "Extra data":
             raise _BadFile(f"is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-        data = _json_lines(text)  # more than one value: JSON lines
-    if isinstance(data, dict) and path.suffix.lower() == ".jsonl":
-        data = [data]  # a JSON-lines file with a single record
+        data, lines = _json_lines(text)  # more than one value: JSON lines
+        return _from_records(data, lines, "line")
+    if isinstance(data, dict) and path.suffix.lower() == ".jsonl":  # a JSON-lines file with a single record
+        return _from_records([data], [text[: len(text) - len(text.lstrip())].count("\n") + 1], "line")
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         got = type(data).__name__ if not isinstance(data, list) else "a list with non-object items"
         raise _BadFile(f"is not a list of records (got {got}; expected [{{...}}, ...] or one {{...}} per line)")
-    return _from_records(data)
+    return _from_records(data, unit="record")
 
 
-def _json_lines(text: str) -> list:
-    records = []
+def _json_lines(text: str) -> tuple[list, list[int]]:
+    """(records, the line number of each)."""
+    records, lines = [], []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -106,7 +110,8 @@ def _json_lines(text: str) -> list:
         if not isinstance(record, dict):
             raise _BadFile(f"line {lineno} is not a record (a JSON object)")
         records.append(record)
-    return records
+        lines.append(lineno)
+    return records, lines
 
 
 class ArrowRows:
@@ -114,10 +119,15 @@ class ArrowRows:
 
     Importing `datasets` (and the pandas it pulls in) costs about 0.5 s, a tenth of `deltafit
     validate`; local files need none of it. Arrow types the columns as `Dataset.from_dict` does.
+    It also remembers where each row is in its file (`row_origin`), through shuffles and caps, so
+    a bad value can be reported by its line.
     """
 
-    def __init__(self, table):
+    def __init__(self, table, numbers: Optional[list[int]] = None, unit: str = "row", source: Optional[str] = None):
         self.table = table
+        self.numbers = numbers  # per row, its number in the file (1-based); None: row i is number i + 1
+        self.unit = unit  # what the numbers count: "line" (text files, JSON lines), "record", "row"
+        self.source = source  # the file, when the rows come from one
 
     @property
     def column_names(self) -> list[str]:
@@ -130,7 +140,15 @@ class ArrowRows:
         return self.table[column].to_pylist()
 
     def select(self, indices) -> "ArrowRows":
-        return ArrowRows(self.table.take(list(indices)))
+        indices = list(indices)
+        return ArrowRows(self.table.take(indices), [self._number(i) for i in indices], self.unit, self.source)
+
+    def row_origin(self, i: int) -> str:
+        """Where row i is in the file, e.g. "line 7 of 'data/train.tsv'"."""
+        return f"{self.unit} {self._number(i)}" + (f" of '{self.source}'" if self.source else "")
+
+    def _number(self, i: int) -> int:
+        return self.numbers[i] if self.numbers is not None else i + 1
 
     def with_format(self, kind: str):
         if kind != "arrow":
@@ -138,13 +156,13 @@ class ArrowRows:
         return self.table
 
 
-def _from_records(records: list[dict]):
+def _from_records(records: list[dict], numbers: Optional[list[int]] = None, unit: str = "row"):
     import pyarrow
 
     # Columns are the union of every record's keys (Dataset.from_list looks at the first only).
     columns = dict.fromkeys(k for r in records for k in r)
     try:
-        return ArrowRows(pyarrow.Table.from_pydict({c: [r.get(c) for r in records] for c in columns}))
+        return ArrowRows(pyarrow.Table.from_pydict({c: [r.get(c) for r in records] for c in columns}), numbers, unit)
     except pyarrow.lib.ArrowException as e:
         raise _BadFile(f"has a column whose values mix types: {_mixed_column(records, columns) or e} "
                        f"(every row must give a column the same kind of value)") from None
@@ -166,23 +184,41 @@ def _mixed_column(records: list[dict], columns) -> str:
 def _read_delimited(path: Path, delimiter: str, quoting: int):
     import pyarrow
 
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
-        header = next(reader, None) or []
-        if not header:
-            raise _BadFile("is empty: it has no rows and no header (expected a header line naming the columns, "
-                           "then one row per line)")
-        if len(set(header)) != len(header):
-            raise _BadFile(f"has a repeated column name in its header ({', '.join(header)})")
-        columns = [[] for _ in header]
-        for row in reader:
-            if not row:
-                continue  # blank line
+    # The csv module refuses fields over 128 KiB by default (a long document in one cell); no field
+    # can be longer than the file, so that bound loses nothing. Rows longer than data.max_length
+    # are truncated later, like any other. The limit is the module's global: put it back after.
+    limit = csv.field_size_limit(max(csv.field_size_limit(), min(path.stat().st_size + 1, 2**31 - 1)))
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+            try:
+                header, columns, lines = _delimited_rows(reader)
+            except csv.Error as e:  # anything else the csv module refuses
+                raise _BadFile(f"line {reader.line_num} cannot be read as {path.suffix[1:].upper()} ({e})") from None
+    finally:
+        csv.field_size_limit(limit)
+    return ArrowRows(pyarrow.Table.from_pydict(dict(zip(header, columns))), lines, "line")
+
+
+def _delimited_rows(reader) -> tuple[list[str], list[list[str]], list[int]]:
+    """(header, one list of values per column, the line each row starts on)."""
+    header = next(reader, None) or []
+    if not header:
+        raise _BadFile("is empty: it has no rows and no header (expected a header line naming the columns, "
+                       "then one row per line)")
+    if len(set(header)) != len(header):
+        raise _BadFile(f"has a repeated column name in its header ({', '.join(header)})")
+    columns, lines = [[] for _ in header], []
+    start = reader.line_num + 1
+    for row in reader:
+        if row:  # else a blank line
             if len(row) != len(header):
                 raise _BadFile(f"line {reader.line_num} has {len(row)} fields but the header has {len(header)}")
             for column, value in zip(columns, row):
                 column.append(value)
-    return ArrowRows(pyarrow.Table.from_pydict(dict(zip(header, columns))))
+            lines.append(start)
+        start = reader.line_num + 1
+    return header, columns, lines
 
 
 def _read_parquet(path: Path):
