@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from deltafit.data.cache import _cache_key, _read_cache, _write_cache, data_cache_root
-from deltafit.data.formats import _encode_causal, _encode_classification, _encode_split, _label_names_from
+from deltafit.data.formats import _encode_causal, _encode_classification, _encode_split, _label_names_from, _texts
 from deltafit.data.packing import (
     _lengths,
     _packing_pays,
@@ -60,7 +60,23 @@ def describe_data(spec) -> dict:
     }
     if spec.format == "classification":
         info["labels"] = _label_names_from(splits.train, spec, "data.train")  # sizes the head in `validate`
+    for rows, key in ((splits.train, "data.train"), (splits.eval, splits.eval_key)):
+        _check_text_columns(rows, spec, key)  # a list or NaN cell is refused by validate, not only by train
     return info
+
+
+def _check_text_columns(rows, spec, key: str) -> None:
+    if rows is None:
+        return
+    for option in TEXT_OPTIONS[spec.format]:
+        if getattr(spec, option, None) and getattr(spec, option) in rows.column_names:
+            _texts(rows, spec, option, key)
+
+
+# The columns each format reads as text (chat's messages are checked when rendered).
+TEXT_OPTIONS = {"alpaca": ["instruction_column", "input_column", "output_column"], "chat": [],
+                "completion": ["text_column", "prompt_column"],
+                "classification": ["text_column", "text_pair_column"]}
 
 
 def _cached(spec, tokenizer, task: str, seed: int, label_names, want_train: bool, build=None) -> Prepared:
