@@ -33,7 +33,8 @@ SET_HELP = "Override a recipe key, e.g. --set train.lr=1e-4 --set delta.r=16 (re
 def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-    output: Optional[Path] = typer.Option(
+    # A string, not a Path: Path("") would silently mean the working directory.
+    output: Optional[str] = typer.Option(
         None, "--output", "-o", help="Output directory (default: recipe's output_dir or runs/<name>).",
     ),
     resume: Optional[str] = typer.Option(
@@ -54,7 +55,10 @@ def train(
     from deltafit.recipe import load_recipe
     from deltafit.train import fit
 
-    fit(load_recipe(recipe, set_ or []), output, resume, overwrite=overwrite, allow_changes=allow_changes)
+    if output is not None and not output.strip():
+        raise UserError("--output is empty: give the run directory to write (or leave --output out for runs/<name>)")
+    fit(load_recipe(recipe, set_ or []), Path(output) if output else None, resume, overwrite=overwrite,
+        allow_changes=allow_changes)
 
 
 @app.command("eval")

@@ -523,10 +523,11 @@ def _check_output_dir(output_dir: Path, resume_from: Optional[Path], overwrite: 
 
 
 # Recipe keys a resumed run must share with the checkpoint it continues: they shape the delta, its
-# math or the data order (a step counts micro-batches of batch_size). lr, max_steps, epochs,
-# eval and logging may change (e.g. training longer).
+# math or the data order (the saved position counts micro-batches of batch_size). lr, max_steps,
+# epochs, eval and logging may change (e.g. training longer), and so may grad_accum: resuming on
+# another number of processes changes it to keep the examples per optimizer step.
 RESUME_KEYS = ("delta", "model", "data.train", "data.format", "data.max_length", "data.packing",
-               "train.seed", "train.batch_size", "train.grad_accum", "train.mixed_precision")
+               "train.seed", "train.batch_size", "train.mixed_precision")
 
 
 def _check_unchanged(resume_from: Path, recipe) -> None:

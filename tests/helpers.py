@@ -34,13 +34,15 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def assert_one_clean_line(code: int, err: str, *needles: str) -> None:
-    """A user error as the CLI promises it: exit 2, one stderr line `error: ...` naming each needle."""
+def assert_one_clean_line(code: int, err: str, *needles: str, out: str = "") -> str:
+    """A user error as the CLI promises it: exit 2, one stderr line `error: ...` naming each needle,
+    no traceback on either stream. Returns the line."""
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
+    assert "Traceback" not in out + err
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+    return lines[0]
 
 
 def tree_digest(root: Path) -> dict[str, str]:

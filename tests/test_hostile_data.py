@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from deltafit.errors import UserError
-from tests.helpers import run_cli, write_recipe
+from tests.helpers import assert_one_clean_line, run_cli, write_recipe
 
 TIMEOUT = 300  # seconds for one real process (imports torch and transformers on a shared machine)
 
@@ -46,13 +46,7 @@ def run_process(tmp_path: Path, *argv) -> subprocess.CompletedProcess:
 
 def one_error_line(code: int, out: str, err: str, *fragments: str) -> str:
     """Exit 2, exactly one stderr line `error: ...` holding every fragment, no traceback; the line."""
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in out + err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
+    return assert_one_clean_line(code, err, *fragments, out=out)
 
 
 def process_error(result: subprocess.CompletedProcess, *fragments: str) -> str:

@@ -172,3 +172,13 @@ def test_an_unwritable_home_still_trains_evaluates_and_saves(tmp_path, tiny_bert
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_accuracy" in r for r in records)
     assert not (tmp_path / "deltafit").exists()  # no cache fell back into the working directory
+
+
+def test_train_output_mistakes_are_refused_before_any_work(run, capsys, tmp_path, no_model_loading):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("mine")
+    cases = {"": "--output is empty", str(a_file): "not writable", "/proc/deltafit-run": "not writable"}
+    for output, message in cases.items():
+        code, _, err = run_cli(capsys, "train", run.parent / "r.yaml", "--output", output)
+        assert_one_clean_line(code, err, message)
+    assert a_file.read_text() == "mine"

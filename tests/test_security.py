@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import run_cli
+from tests.helpers import assert_one_clean_line, run_cli
 from tests.test_malformed import CORPUS, _materialize, _reseal, trained_run  # noqa: F401 (fixture)
 
 MARKER = "pwned"
@@ -39,14 +39,6 @@ class _Touch:
 
 def live_pickle(marker: Path) -> bytes:
     return pickle.dumps(_Touch(marker))
-
-
-def assert_one_clean_line(code: int, err: str, *needles: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 @pytest.fixture()

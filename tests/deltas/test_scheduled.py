@@ -294,7 +294,7 @@ def test_resumed_run_continues_identically(llama, tmp_path, options, total, stop
     optimizer, scheduler = trainer_parts(delta, total, weight_decay=0.1)
     train_steps(model, delta, optimizer, scheduler, range(1, stop + 1), total)
     meta = {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, "method": delta.name,
-            "delta_config": delta.config.model_dump(mode="json"), "model": {}, "task": "causal-lm"}
+            "delta_config": delta.config.model_dump(mode="json"), "model": {"name": "tiny-llama"}, "task": "causal-lm"}
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "progress": {"step": stop}, "method": delta.schedule_state()}
     checkpoint.save(tmp_path / "step", meta, delta.state_dict(), {}, state)
