@@ -2,20 +2,26 @@
 
 Hypothesis mutates three kinds of input and runs each through `python -m deltafit`:
 
-- recipes (`validate`): the valid recipes of tests/malformed/valid/, as mappings (keys dropped,
-  values replaced by odd ones: huge, negative, NaN/inf, empty, NUL, unicode, lists, unknown keys,
-  shared/recursive objects that dump as anchors and aliases) and as YAML text (truncated, syntax
-  characters, tags, merge keys, alias bombs, bad bytes), plus odd `--set` overrides;
-- data files (`validate`, and a few `train` runs of max_steps 1, which tokenize): the valid
-  alpaca/classification rows written as JSON, JSON lines, CSV or TSV after row/column/cell
-  mutations, then byte damage (truncation, bad bytes, BOMs, UTF-16, very long fields);
+- recipes (`validate`): the valid recipes of tests/malformed/valid/, either with one to three keys
+  set to plausible-but-edgy values found from the recipe's schema (or another delta method's), so
+  the run gets into planning, or mangled as mappings (keys dropped, values replaced by odd ones:
+  huge, negative, NaN/inf, empty, NUL, unicode, lists, unknown keys, shared/recursive objects that
+  dump as anchors and aliases) and as YAML text (truncated, syntax characters, tags, merge keys,
+  alias bombs, bad bytes, UTF-16), plus odd `--set` overrides;
+- data files (`validate`): the valid alpaca/classification rows written as JSON, JSON lines, CSV or
+  TSV after row/column/cell mutations (odd and very long cells, dropped/renamed columns, no rows),
+  then byte damage (truncation, bad bytes, BOMs, UTF-16); and a few `train` runs of max_steps 1
+  (which tokenize) on readable tables with odd cells and a 100k-500k character field;
 - checkpoint metadata (`eval`): deltafit.json of a tiny trained checkpoint (causal LM and
-  classifier), keys dropped, values retyped or made odd, or the JSON text damaged.
+  classifier): its own keys dropped, retyped or made odd; model/delta_config set to plausible
+  values (another method, other targets); or any nested key mangled and the JSON text damaged.
 
 The contract each run must keep: exit code 0 or 2; on 2, stderr (blank lines aside) is exactly one
 line starting with `error: `; no "Traceback" in either stream; the process ends within its timeout;
 every file that existed before the run (the inputs, the checkpoint, the valid data, the tiny
-models) has the same bytes afterwards; nothing named in a recipe tag is executed.
+models) has the same bytes afterwards; nothing named in a recipe tag is executed. Processes run
+offline (HF_*_OFFLINE=1), so a name that is no local path fails at once instead of reaching for
+the hub, and with DELTAFIT_CACHE in the module's temp dir.
 
 Examples never raise inside Hypothesis: every run is judged and recorded, and the test fails at the
 end listing each distinct failure class once (its smallest input, the command, the mutations and
@@ -47,10 +53,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
 from deltafit.cli import main
+from tests.helpers import report_line
 
 VALID = Path(__file__).parent / "malformed" / "valid"
 TIMEOUT = {"validate": 90, "eval": 120, "train": 180}  # seconds; a run past it is a hang
@@ -145,13 +152,7 @@ def report_tally(request):
             "runs": ALL_RUNS,
             "failures": [{"class": _failure_class(r), "target": r.target, "text": _describe(r)} for r in ALL_FAILURES],
         }, indent=1))
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or capture is None:
-        print(line)
-        return
-    with capture.global_and_fixture_disabled():
-        reporter.write_line("\n" + line)
+    report_line(request, line)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,9 +203,36 @@ def _snapshot(*roots: Path) -> dict[Path, str]:
     return files
 
 
-def _try(env: "FuzzEnv", target: str, command: str, build) -> None:
+# Hypothesis explores an expensive test badly on its own: a few dozen examples cluster on one branch
+# (its novel-prefix walk and its span-copying mutator both revisit the last example). So each
+# target has plans (its top-level choices, e.g. base recipe x mode) taken in turns, and an input
+# whose shape (plan + mutations without their values) was already run is rejected before any
+# process starts. Both rejections are cheap `assume`s, outside the example count, made once every
+# value is drawn (a rejection that cut the drawing short would depend on more than the draws, which
+# Hypothesis reports as flaky data generation).
+PLANS = {
+    "recipe": [(b, m) for b in ("alpaca", "cls") for m in ("schema", "chaos")],
+    "data": [(b, k) for b in ("alpaca", "cls") for k in ("json", "jsonl", "csv", "tsv")],
+    "data-train": [(b, k) for b in ("alpaca", "cls") for k in ("json", "jsonl", "csv", "tsv")],
+    "checkpoint": [(b, m) for b in ("alpaca", "cls") for m in ("top", "schema", "tree")],
+}
+SCHEDULE: dict[str, dict] = {}  # target -> {"plans": {plan: runs}, "shapes": set}; reset by each _fuzz
+
+
+def _shape(ops: list[str]) -> frozenset:
+    """The mutations without their values or offsets: 'set train.lr = nan' -> 'set train.lr'."""
+    return frozenset(re.sub(r"\d+", "#", re.split(r" = | -> | with |=", op)[0]) for op in ops)
+
+
+def _try(env: "FuzzEnv", target: str, command: str, build, plan: tuple = (), ops: list[str] = ()) -> None:
     """Make an example's input in a fresh directory (`build(tmp) -> (argv, ops, input path)`), run it,
     judge it, record it. Never raises for the product's behaviour: failures are collected."""
+    state = SCHEDULE[target]
+    shape = (plan, _shape(list(ops)))
+    assume(state["plans"][plan] <= min(state["plans"].values()))  # round robin over the plans
+    assume(shape not in state["shapes"])
+    state["shapes"].add(shape)
+    state["plans"][plan] += 1
     tmp = Path(tempfile.mkdtemp(prefix=f"{target}-", dir=env.root / "examples"))
     try:
         argv, ops, input_path = build(tmp)
@@ -234,6 +262,7 @@ def _fuzz(env: "FuzzEnv", target: str, examples: int, body) -> None:
     failure class this target showed."""
     examples = _examples_override().get(target, examples)
     seen = set(FAILURES.get(target, {}))
+    SCHEDULE[target] = {"plans": dict.fromkeys(PLANS[target], 0), "shapes": set()}
 
     @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
               phases=(Phase.explicit, Phase.generate), suppress_health_check=list(HealthCheck))
@@ -309,10 +338,9 @@ ODD_SCALARS = [
 SCALARS = st.one_of(
     st.sampled_from(ODD_SCALARS), st.integers(), st.floats(), st.text(max_size=12), st.booleans(),
 )
-ODD_VALUES = st.recursive(
-    SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-    max_leaves=4,
-)
+_NESTED = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.dictionaries(st.text(max_size=6), SCALARS, max_size=2))
+ODD_VALUES = st.one_of(SCALARS, SCALARS, st.lists(_NESTED, max_size=3),
+                       st.dictionaries(st.text(max_size=6), _NESTED, max_size=3))
 ODD_KEYS = st.one_of(st.sampled_from(["r", "lr", "name", "method", "x-anchor", "<<", "", " ", "nope", "epochs",
                                       "max_steps", "target_modules", "train", "delta", "0"]),
                      st.text(max_size=8))
@@ -515,7 +543,7 @@ def _schema_edit(data, tree: dict, env: FuzzEnv,
     if section == "delta":
         if not isinstance(tree.get("delta"), dict) or data.draw(st.booleans(), label="switch method"):
             tree["delta"] = {"method": data.draw(st.sampled_from(list(METHODS)), label="method")}
-            ops.append(f"delta = {{method: {tree['delta']['method']}}}")
+            ops.append(f"switch delta to method {tree['delta']['method']}")
         try:
             fields = config_class(str(tree["delta"].get("method", "lora"))).model_fields
         except Exception:
@@ -538,14 +566,11 @@ def _schema_edit(data, tree: dict, env: FuzzEnv,
 
 
 def _recipe_example(env: FuzzEnv, data) -> None:
-    base = data.draw(st.sampled_from(["alpaca", "cls"]), label="recipe")
-    if data.draw(st.sampled_from(["schema", "schema", "chaos"]), label="mode") == "schema":
+    plan = base, mode = data.draw(st.sampled_from(PLANS["recipe"]), label="plan")
+    if mode == "schema":
         tree = env.recipe(base)
         ops = [op for _ in range(data.draw(st.integers(1, 3), label="edits")) for op in _schema_edit(data, tree, env)]
-        text = _dump_yaml(tree, True)
-        sets = []
-        ops.append("schema edits only")
-        _run_recipe(env, base, text, sets, ops)
+        _run_recipe(env, plan, _dump_yaml(tree, True), [], ops)
         return
     tree, ops = mutate_tree(data, env.recipe(base), extra_values=[str(env.tiny_bert), str(env.tiny_llama)])
     text = _dump_yaml(tree, data.draw(st.booleans(), label="unicode"))
@@ -560,16 +585,18 @@ def _recipe_example(env: FuzzEnv, data) -> None:
     sets = data.draw(st.lists(st.tuples(st.sampled_from(SET_KEYS), st.sampled_from(SET_VALUES)), max_size=2),
                      label="--set")
     ops += text_ops + [f"--set {k}={v}" for k, v in sets]
-    _run_recipe(env, base, text, sets, ops)
+    _run_recipe(env, plan, text, sets, ops)
 
 
-def _run_recipe(env: FuzzEnv, base: str, text: bytes, sets: list, ops: list[str]) -> None:
+def _run_recipe(env: FuzzEnv, plan: tuple, text: bytes, sets: list, ops: list[str]) -> None:
+    base = plan[0]
+
     def build(tmp: Path):
         path = tmp / f"{base}.yaml"
         path.write_bytes(text)
         return ["validate", str(path), *[a for k, v in sets for a in ("--set", f"{k}={v}")]], ops, path
 
-    _try(env, "recipe", "validate", build)
+    _try(env, "recipe", "validate", build, plan, ops)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -587,44 +614,48 @@ LONG_TEXT = st.builds(lambda n, c: c * n, st.sampled_from([5_000, 100_000, 1_000
                       st.sampled_from(["x", "é", "word ", "\u4e00", "\x00", "\n", "\t", "\"", "{"]))
 
 
-def mutate_rows(data, rows: list[dict], long: bool) -> tuple[list, list[str]]:
+def mutate_rows(data, rows: list[dict], long: bool, cells_only: bool = False) -> tuple[object, list[str]]:
     """Row/column/cell mutations: drop or rename a column, retype a cell, odd or very long cells,
-    fewer or repeated rows, then (sometimes) tree mutations of the whole list."""
+    fewer or repeated rows, or tree mutations of the whole list (which may leave no list at all).
+    `cells_only`: content mutations that keep a readable table (for runs that get to tokenizing)."""
     rows = copy.deepcopy(rows)
     ops = []
     columns = list(dict.fromkeys(k for r in rows for k in r))
     cells = st.one_of(ODD_VALUES, LONG_TEXT) if long else ODD_VALUES
     for _ in range(data.draw(st.integers(1, 3), label="row mutations")):
-        kind = data.draw(st.sampled_from(["drop column", "rename column", "cell", "cell", "column type", "rows",
-                                          "new column", "tree"]), label="kind")
+        kinds = ["cell", "cell", "column type", "rows", "new column"] if cells_only else [
+            "drop column", "rename column", "cell", "cell", "column type", "rows", "new column", "tree"]
+        kind = data.draw(st.sampled_from(kinds), label="kind")
         column = data.draw(st.sampled_from(columns), label="column")
-        i = data.draw(st.integers(0, max(len(rows) - 1, 0)), label="row")
+        records = [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+        i = data.draw(st.integers(0, max(len(records) - 1, 0)), label="row")
         if kind == "drop column":
             every = data.draw(st.booleans(), label="every row")
-            for r in rows if every else rows[i:i + 1]:
+            for r in records if every else records[i:i + 1]:
                 r.pop(column, None)
             ops.append(f"drop column {column!r} from {'every row' if every else f'row {i}'}")
         elif kind == "rename column":
             new = data.draw(ODD_KEYS, label="new name")
-            for r in rows:
+            for r in records:
                 if column in r:
                     r[new] = r.pop(column)
             ops.append(f"rename column {column!r} -> {new!r}")
-        elif kind == "cell" and rows:
-            rows[i][column] = data.draw(cells, label="cell")
-            ops.append(f"row {i} {column!r} = {rows[i][column]!r:.60} ({len(str(rows[i][column]))} chars)")
+        elif kind == "cell" and records:
+            records[i][column] = data.draw(cells, label="cell")
+            ops.append(f"row {i} {column!r} = {records[i][column]!r:.60} ({len(str(records[i][column]))} chars)")
         elif kind == "column type":
-            value = data.draw(st.sampled_from([0, 1.5, None, True, [], {}, ["a"], {"a": 1}, "", float("nan")]))
-            for r in rows:
-                r[column] = value
+            value = data.draw(st.sampled_from([0, 1.5, None, True, [], {}, ["a"], {"a": 1}, "", float("nan")]),
+                              label="column value")
+            for r in records:
+                r[column] = copy.deepcopy(value)
             ops.append(f"every {column!r} = {value!r}")
-        elif kind == "rows":
+        elif kind == "rows" and isinstance(rows, list):
             keep = data.draw(st.sampled_from([0, 1, 2, 3, len(rows) * 4]), label="rows")
-            rows = (rows * 4)[:keep]
+            rows = copy.deepcopy((rows * 4)[:keep])
             ops.append(f"keep {keep} rows")
         elif kind == "new column":
             key = data.draw(ODD_KEYS, label="column")
-            for r in rows:
+            for r in records:
                 r[key] = data.draw(ODD_VALUES, label="value")
             ops.append(f"new column {key!r}")
         elif kind == "tree":
@@ -658,16 +689,19 @@ def serialize_rows(rows, kind: str) -> bytes:
 
 
 def _data_example(env: FuzzEnv, data, command: str) -> None:
-    base = data.draw(st.sampled_from(["alpaca", "cls"]), label="data")
-    kind = data.draw(st.sampled_from(["json", "jsonl", "csv", "tsv"]), label="file kind")
-    rows, ops = mutate_rows(data, _valid_rows(env, base), long=command == "validate")
-    if command == "train" and data.draw(st.booleans(), label="long field"):
+    target = "data" if command == "validate" else "data-train"
+    plan = base, kind = data.draw(st.sampled_from(PLANS[target]), label="plan")
+    train = command == "train"  # train runs tokenize: readable tables with odd content, no byte damage
+    rows, ops = mutate_rows(data, _valid_rows(env, base), long=not train, cells_only=train)
+    if train and data.draw(st.booleans(), label="long field"):
         rows = copy.deepcopy(rows) if isinstance(rows, list) else rows
         text = data.draw(st.sampled_from(["x", "word ", "\u4e00"])) * 100_000
         if isinstance(rows, list) and rows and isinstance(rows[0], dict) and rows[0]:
             rows[0][next(iter(rows[0]))] = text
             ops.append(f"row 0 first column = {text[:10]!r}... ({len(text)} chars)")
-    content, text_ops = damage_text(data, serialize_rows(rows, kind), ["\n", "\t", ",", '"', "{", "}", "[", "\\"])
+    content, text_ops = serialize_rows(rows, kind), []
+    if not train:
+        content, text_ops = damage_text(data, content, ["\n", "\t", ",", '"', "{", "}", "[", "\\"])
     ops = [f"{base} rows as {kind}"] + ops + text_ops
     key = data.draw(st.sampled_from(["data.train", "data.train", "data.eval"]), label="key")
     ops.append(f"--set {key}=<file>")
@@ -680,7 +714,7 @@ def _data_example(env: FuzzEnv, data, command: str) -> None:
             argv += ["--set", "train.max_steps=1", "--output", str(tmp / "out")]
         return argv, ops, path
 
-    _try(env, "data" if command == "validate" else "data-train", command, build)
+    _try(env, target, command, build, plan, ops)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -688,12 +722,12 @@ def _data_example(env: FuzzEnv, data, command: str) -> None:
 
 
 def _checkpoint_example(env: FuzzEnv, data) -> None:
-    base = data.draw(st.sampled_from(["alpaca", "cls"]), label="checkpoint")
+    plan = base, mode = data.draw(st.sampled_from(PLANS["checkpoint"]), label="plan")
     meta = json.loads((env.checkpoint(base) / "deltafit.json").read_text())
     label_names = [["neg"], ["neg", "pos", "extra"], [1, 0], [], [None, None], "neg", {"0": "neg"}, ["pos", "neg"],
                    ["neg"] * 1000]
     extra = [str(env.tiny_bert), str(env.tiny_llama), str(env.runs), *map(json.dumps, label_names)]
-    if data.draw(st.booleans(), label="schema mode"):  # plausible model / delta_config values: deeper runs
+    if mode == "schema":  # plausible model / delta_config values: deeper runs
         view = {"model": meta["model"], "delta": meta["delta_config"]}
         ops = [op for _ in range(data.draw(st.integers(1, 2), label="edits"))
                for op in _schema_edit(data, view, env, sections=("model", "delta", "delta"))]
@@ -701,6 +735,18 @@ def _checkpoint_example(env: FuzzEnv, data) -> None:
         if data.draw(st.booleans(), label="method follows"):
             meta["method"] = view["delta"].get("method")
             ops.append(f"method = {meta['method']!r}")
+    elif mode == "top":  # one or two of the metadata's own keys dropped, retyped or made odd
+        ops = []
+        for _ in range(data.draw(st.integers(1, 2), label="edits")):
+            key = data.draw(st.sampled_from(sorted(meta)), label="key")
+            how = data.draw(st.sampled_from(["drop", "odd", "retype"]), label="how")
+            if how == "drop":
+                meta.pop(key, None)
+                ops.append(f"drop {key}")
+            else:
+                values = _retype(meta.get(key)) if how == "retype" else ODD_VALUES
+                meta[key] = data.draw(st.sampled_from(values) if how == "retype" else values, label="value")
+                ops.append(f"{how} {key} = {meta[key]!r:.80}")
     else:
         meta, ops = mutate_tree(data, meta, extra_values=extra, allow_alias=False)
     if data.draw(st.integers(0, 3), label="label_names?") == 0 and isinstance(meta, dict):
@@ -717,7 +763,7 @@ def _checkpoint_example(env: FuzzEnv, data) -> None:
         (ckpt / "deltafit.json").write_bytes(content)
         return ["eval", str(ckpt)], ops, ckpt / "deltafit.json"
 
-    _try(env, "checkpoint", "eval", build)
+    _try(env, "checkpoint", "eval", build, plan, ops)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -756,3 +802,21 @@ def test_the_unmutated_inputs_pass(fuzz_env):
         with tempfile.TemporaryDirectory(dir=fuzz_env.root / "examples") as tmp:
             _run(fuzz_env, run, Path(tmp), TIMEOUT[argv[0]])
         assert run.code == 0 and "Traceback" not in run.err, _describe(run)
+
+
+def test_the_judge_catches_each_broken_promise(tmp_path):
+    """The checks themselves (no process): each way a run can break the contract is flagged, a clean
+    error and a clean success are not."""
+    def judged(code, err="", out="", hung=False, changed=False) -> list[str]:
+        run = Run("self-test", ["validate", "x.yaml"], [], "x.yaml", b"", code, out, err, hung)
+        _judge(run, {tmp_path / "x": "a"}, {tmp_path / "x": "b" if changed else "a"}, tmp_path)
+        return run.problems
+
+    assert judged(0, out="plan\nrecipe is valid\n") == []
+    assert judged(2, err="error: recipe key 'train.lr': bad\n\n") == []
+    assert judged(1, err="Traceback (most recent call last):\nTypeError: x\n")
+    assert judged(2, err="warning: something\nerror: bad\n")
+    assert judged(2, err="bad\n")
+    assert judged(None, hung=True)
+    assert judged(2, err="error: bad\n", changed=True)
+    assert judged(0, out="Traceback (most recent call last):")

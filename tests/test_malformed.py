@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from deltafit.cli import main
+from tests.helpers import report_line
 
 CORPUS = Path(__file__).parent / "malformed"
 MANIFEST = yaml.safe_load((CORPUS / "cases.yaml").read_text(encoding="utf-8"))
@@ -128,13 +129,7 @@ def report_tally(request):
             f"{len(named)} of them also say what the case expects ({len(TALLY)} runs: "
             f"{sum(ok for _, ok, _ in TALLY.values())} clean, "
             f"{sum(ok and says for _, ok, says in TALLY.values())} fully)")
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or capture is None:
-        print(line)
-        return
-    with capture.global_and_fixture_disabled():
-        reporter.write_line("\n" + line)
+    report_line(request, line)
 
 
 # ----------------------------------------------------------------------------------------------
