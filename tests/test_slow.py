@@ -40,8 +40,8 @@ def test_quickstart_improves_held_out_loss(tmp_path, capsys):
     assert code == 0, err
     assert run_cli(capsys, "eval", out / "final")[0] == 0
     assert run_cli(capsys, "eval", out / "final", "--base")[0] == 0
-    tuned = json.loads((out / "final" / "eval.json").read_text())
-    base = json.loads((out / "final" / "eval-base.json").read_text())
+    tuned = json.loads((out / "final-eval.json").read_text())
+    base = json.loads((out / "final-eval-base.json").read_text())
     assert tuned["loss"] < 0.5 * base["loss"], (tuned, base)
 
 
@@ -72,7 +72,7 @@ def test_minilm_lora_learns_sst2(tmp_path, capsys):
         "--set", "train.max_steps=150", "--set", "train.eval_every=null", "--set", "log.progress=false")
     assert code == 0, err
     assert run_cli(capsys, "eval", tmp_path / "sst2")[0] == 0
-    result = json.loads((tmp_path / "sst2" / "final" / "eval.json").read_text())
+    result = json.loads((tmp_path / "sst2" / "final-eval.json").read_text())
     assert result["examples"] == 872 and result["accuracy"] > 0.7, result
 
 
