@@ -135,6 +135,17 @@ class TrainSpec(Section):
         "stop", description="A NaN/inf loss or gradient: 'stop' the run with a message naming the step (the last "
         "checkpoint stays intact), or 'skip' that optimizer step and go on (each skip is logged).")
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no_as_boolean(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted `no` (or `false`, `off`) as the boolean False: that means "no".
+        # True has no such reading (which precision would it be?), so it is refused, not guessed.
+        if value is False:
+            return "no"
+        if value is True:
+            raise ValueError("true is not a precision; use 'no', 'bf16' or 'fp16'")
+        return value
+
 
 class LogSpec(Section):
     jsonl: bool = Field(True, description="Write metrics.jsonl in the output directory.")

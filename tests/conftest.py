@@ -70,6 +70,19 @@ def _tiny_bert(directory: Path):
     return directory
 
 
+def _tiny_gpt2(directory: Path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = make_tokenizer(directory, pad=False)  # GPT-2's tokenizer has no pad token either
+    config = GPT2Config(
+        vocab_size=len(tok), n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=256,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # embeddings tied to the LM head, as in GPT-2
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """Directory of a 2-layer random-init Llama (causal LM) with its tokenizer."""
@@ -80,6 +93,12 @@ def tiny_llama(tmp_path_factory) -> Path:
 def tiny_bert(tmp_path_factory) -> Path:
     """Directory of a 2-layer random-init BERT with its tokenizer (seq-cls gets a new head)."""
     return _tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    """Directory of a 2-layer random-init GPT-2 (causal LM, Conv1D projections, tied embeddings)."""
+    return _tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 @pytest.fixture()

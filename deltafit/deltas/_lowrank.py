@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from deltafit.deltas._targets import is_transposed
+
 
 def lora_scale(alpha: float, r: int, rslora: bool) -> float:
     """alpha/r (LoRA) or alpha/sqrt(r) (rsLoRA, which keeps updates stable as r grows)."""
@@ -41,15 +43,15 @@ class LowRankUpdate(nn.Module):
         """The dense update scale * B A, shaped like the host weight (out x in)."""
         return (self.B @ self.A) * self.scale
 
-    def fold(self, linear: nn.Linear) -> None:
+    def fold(self, linear: nn.Module) -> None:
         """W <- W + scale * B A. An fp32 weight takes it as one addmm: no out x in temporary for B A,
         about 3x faster over a whole model than forming it (merge cost is a load + save target);
-        others go via fp32."""
+        others go via fp32. A Conv1D stores W^T (in x out), so it takes (B A)^T = A^T B^T."""
         weight = linear.weight
         if weight.dtype == torch.float32:
-            _replace_weight(
-                linear, torch.addmm(weight, self.B.to(weight.device), self.A.to(weight.device), alpha=self.scale)
-            )
+            B, A = self.B.to(weight.device), self.A.to(weight.device)
+            left, right = (A.t(), B.t()) if is_transposed(linear) else (B, A)
+            _replace_weight(linear, torch.addmm(weight, left, right, alpha=self.scale))
         else:
             fold_into(linear, self.delta_weight())
 
@@ -78,6 +80,10 @@ class _DroppedDownProjection(torch.autograd.Function):
     them where each kept its own dropped-out copy: for q/v LoRA on SmolLM2 at 8 x 256 tokens,
     135 MB less. Values and gradients are torch's, bit for bit (the matmuls below are the ones
     autograd runs for `dropout(x) @ A.t()`).
+
+    Under autocast (train.mixed_precision bf16/fp16) the forward matmul runs in the autocast dtype,
+    so `grad` arrives in it while x and A are fp32; backward runs outside autocast, so it casts as
+    autocast did in forward: the matmuls in grad's dtype, each result back to its input's dtype.
     """
 
     @staticmethod
@@ -89,20 +95,23 @@ class _DroppedDownProjection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, keep, A = ctx.saved_tensors
-        noise = keep.to(grad.dtype).div_(ctx.q)
+        noise = keep.to(x.dtype).div_(ctx.q)
         grad_2d = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_A = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_2d @ A).view(x.shape) * noise
+            grad_x = (grad_2d @ A.to(grad.dtype)).view(x.shape).to(x.dtype) * noise
         if ctx.needs_input_grad[4]:
-            grad_A = grad_2d.t().mm((x * noise).reshape(-1, x.shape[-1]))
+            dropped = (x * noise).to(grad.dtype).reshape(-1, x.shape[-1])
+            grad_A = grad_2d.t().mm(dropped).to(A.dtype)
         return grad_x, None, None, None, grad_A
 
 
-def fold_into(linear: nn.Linear, delta: torch.Tensor) -> None:
-    """W <- W + delta, computed in fp32 and stored back in the weight's own dtype."""
+def fold_into(linear: nn.Module, delta: torch.Tensor) -> None:
+    """W <- W + delta (out x in), computed in fp32 and stored back in the weight's own dtype; a
+    Conv1D's weight (in x out) takes delta^T."""
     weight = linear.weight
     delta = delta.to(weight.device, torch.float32)
+    delta = delta.t() if is_transposed(linear) else delta
     _replace_weight(
         linear, weight + delta if weight.dtype == torch.float32 else (weight.float() + delta).to(weight.dtype)
     )
@@ -267,3 +276,34 @@ def columns_frozen(step: int, total_steps: int, rank: int, freeze_by: float) -> 
     of them at step t_i = ceil(freeze_by * total_steps); all from the start when freeze_by is 0."""
     until = math.ceil(freeze_by * total_steps)
     return rank if until <= 0 else min(rank, rank * step // until)
+
+
+# -- initializations that move the top of W0 into B A (LoRA's `init: pissa | olora`) -------------
+
+
+def base_factors(weight: torch.Tensor, r: int, scale: float, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A0, B0), fp32, with scale * B0 A0 the part of W0 (out x in) that moves into the LoRA path.
+
+    pissa (Meng et al. 2024): W0 = U S Vh, A0 = sqrt(S_r / scale) Vh_r, B0 = U_r sqrt(S_r / scale), so
+    scale * B0 A0 is W0's best rank-r approximation; olora (Buyukakyuz 2024): W0 = Q R, B0 = Q_r,
+    A0 = R_r (PEFT's OLoRA, no division by scale). Both as PEFT computes them (fp32, on W0's device).
+    """
+    w = weight.detach().float()
+    if kind == "pissa":
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        root = torch.sqrt(s[:r] / scale)
+        return root[:, None] * vh[:r], u[:, :r] * root[None, :]
+    q, rr = torch.linalg.qr(w)
+    return rr[:r].contiguous(), q[:, :r].contiguous()
+
+
+def residual_weight(weight: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, scale: float) -> torch.Tensor:
+    """W0 - scale * B0 A0 in W0's dtype: the frozen base under a PiSSA/OLoRA path. One function for
+    attach and checkpoint reload, so the same W0 and factors always give the same bits."""
+    w = weight.detach().float()
+    return torch.addmm(w, B0.to(w.device), A0.to(w.device), alpha=-scale).to(weight.dtype)
+
+
+def replace_dense_weight(linear: nn.Module, dense: torch.Tensor) -> None:
+    """Give `linear` the weight `dense` (out x in) in its own layout (a Conv1D stores in x out)."""
+    _replace_weight(linear, dense.t().contiguous() if is_transposed(linear) else dense)

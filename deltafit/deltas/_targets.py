@@ -2,14 +2,21 @@
 
 Rules (the same as PEFT's, so recipes translate): a list matches a module whose full name equals
 an entry or ends with '.' + entry; a string is a regex that must match the full name; 'all-linear'
-is every nn.Linear except the output head. `layers` keeps only blocks with those indexes.
+is every linear layer except the output head. `layers` keeps only blocks with those indexes.
+
+"Linear layer" means nn.Linear and transformers' `Conv1D` (OpenAI GPT, GPT-2 and its kin), which
+computes the same x W^T + b but stores its weight transposed (in x out). Methods read a target's
+sizes through `shape`/`in_features`/`out_features` and its weight as out x in through `dense_weight`,
+never off the weight's own layout.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from typing import Optional, Union
 
+import torch
 from torch import nn
 
 from deltafit.errors import UserError
@@ -49,13 +56,29 @@ def num_blocks(model: nn.Module) -> int:
     return max(indexes) + 1 if indexes else 0
 
 
+def linear_kinds() -> tuple[type, ...]:
+    """nn.Linear, and transformers' Conv1D when transformers is loaded (a Conv1D cannot exist before
+    `transformers.pytorch_utils` is imported, so checking sys.modules keeps this module light)."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(pytorch_utils, "Conv1D", None)
+    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """True for a Conv1D: its weight is stored in x out, the transpose of nn.Linear's out x in."""
+    kinds = linear_kinds()
+    return len(kinds) > 1 and isinstance(module, kinds[1])
+
+
 def find_targets(
     model: nn.Module,
     spec: Union[str, list[str], None],
     layers: Optional[list[int]] = None,
-    kinds: tuple[type, ...] = (nn.Linear,),
+    kinds: Optional[tuple[type, ...]] = None,
 ) -> dict[str, nn.Module]:
-    """Resolve a target spec into {full module name: module}; an empty result is a user error."""
+    """Resolve a target spec into {full module name: module}; an empty result is a user error.
+    `kinds`: the module types that can be targets (default: linear layers, Conv1D included)."""
+    kinds = linear_kinds() if kinds is None else kinds
     spec = default_targets(model) if spec is None else spec
     _check_regex(spec)
     matches = {n: m for n, m in model.named_modules() if n and isinstance(m, kinds) and _matches(n, spec)}
@@ -117,11 +140,25 @@ def refuse_above(key: str, value: int, limit: int, why: str) -> None:
 
 
 def shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a linear-like target, read off its attributes or its weight."""
+    """(out_features, in_features) of a linear-like target, read off its attributes or its weight
+    (a Conv1D's weight is in x out)."""
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return int(module.out_features), int(module.in_features)
     out, in_ = module.weight.shape[:2]
-    return int(out), int(in_)
+    return (int(in_), int(out)) if is_transposed(module) else (int(out), int(in_))
+
+
+def in_features(module: nn.Module) -> int:
+    return shape(module)[1]
+
+
+def out_features(module: nn.Module) -> int:
+    return shape(module)[0]
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The target's weight as out x in, whatever its storage (a view of a Conv1D's in x out weight)."""
+    return module.weight.t() if is_transposed(module) else module.weight
 
 
 def check_rank(targets: dict[str, nn.Module], r: int, key: str = "delta.r") -> None:

@@ -35,7 +35,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from deltafit.deltas._lowrank import ImportanceEMA, cubic_schedule, orthogonality_penalty
-from deltafit.deltas._targets import check_rank, find_targets
+from deltafit.deltas._targets import check_rank, find_targets, in_features, out_features, shape
 from deltafit.deltas.base import Delta, TargetedConfig
 from deltafit.errors import UserError
 
@@ -118,7 +118,7 @@ class AdaLoRA(Delta):
         c = self.config
         scale = c.alpha / (c.init_r + 1e-5)  # PEFT: scaling / (ranknum + 1e-5), ranknum = init_r
         for name, linear in find_targets(model, c.target_modules, c.layers).items():
-            update = SVDUpdate(linear.in_features, linear.out_features, c.init_r, scale, c.dropout,
+            update = SVDUpdate(in_features(linear), out_features(linear), c.init_r, scale, c.dropout,
                                linear.weight.device)
             self.insertions.parallel(name, linear, "adalora", update)
         self.kept = {key: self._all_kept(update) for key, update in self._updates().items()}
@@ -132,7 +132,7 @@ class AdaLoRA(Delta):
 
     def expected_trainable_params(self, model: nn.Module) -> int:
         targets = find_targets(model, self.config.target_modules, self.config.layers)
-        return sum(self.config.init_r * (m.in_features + m.out_features + 1) for m in targets.values())
+        return sum(self.config.init_r * (sum(shape(m)) + 1) for m in targets.values())
 
     # -- the schedule ------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from deltafit.deltas._inplace import InPlaceParams
-from deltafit.deltas._targets import find_targets
+from deltafit.deltas._targets import find_targets, out_features
 from deltafit.deltas.base import Delta, TargetedConfig
 from deltafit.errors import UserError
 
@@ -40,6 +40,7 @@ HOSTS = {
     "xlm-roberta": (r".*\.attention\.output\.dense", r".*\.layer\.\d+\.output\.dense"),
     "electra": (r".*\.attention\.output\.dense", r".*\.layer\.\d+\.output\.dense"),
     "distilbert": (r".*\.attention\.out_lin", r".*\.ffn\.lin2"),
+    "gpt2": (r".*\.attn\.c_proj", r".*\.mlp\.c_proj"),  # Conv1D projections
 }
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -111,7 +112,7 @@ class Adapter(Delta):
     def _attach(self, model: nn.Module) -> None:
         c = self.config
         for name, host in self._hosts(model).items():
-            width = host.out_features
+            width = out_features(host)
             module = Bottleneck(width, c.size(width), c.activation, host.weight.device)
             self.insertions.after(name, host, "adapter", module)
         if c.train_layernorms:
@@ -127,7 +128,8 @@ class Adapter(Delta):
     def expected_trainable_params(self, model: nn.Module) -> int:
         adapters = 0
         for host in self._hosts(model).values():
-            d, m = host.out_features, self.config.size(host.out_features)
+            d = out_features(host)
+            m = self.config.size(d)
             adapters += 2 * m * d + m + d
         norms = sum(p.numel() for p in self._norms(model).values()) if self.config.train_layernorms else 0
         return adapters + norms

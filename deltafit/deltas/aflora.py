@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from deltafit.deltas._lowrank import ImportanceEMA, cubic_schedule
-from deltafit.deltas._targets import check_rank, find_targets
+from deltafit.deltas._targets import check_rank, find_targets, in_features, out_features, shape
 from deltafit.deltas.base import Delta, TargetedConfig
 from deltafit.errors import UserError
 
@@ -102,14 +102,14 @@ class AFLoRA(Delta):
     def _attach(self, model: nn.Module) -> None:
         c = self.config
         for name, linear in find_targets(model, c.target_modules, c.layers).items():
-            update = ScaledLowRankUpdate(linear.in_features, linear.out_features, c.r, c.d_init, c.dropout,
+            update = ScaledLowRankUpdate(in_features(linear), out_features(linear), c.r, c.d_init, c.dropout,
                                          linear.weight.device)
             self.insertions.parallel(name, linear, "aflora", update)
 
     def expected_trainable_params(self, model: nn.Module) -> int:
         r = self.config.r
         targets = find_targets(model, self.config.target_modules, self.config.layers)
-        return sum(r * (m.in_features + m.out_features) + r + m.out_features for m in targets.values())
+        return sum(r * sum(shape(m)) + r + out_features(m) for m in targets.values())
 
     def projections(self) -> dict[str, nn.Parameter]:
         """Every A and B tensor, frozen or not, keyed like the state dict."""

@@ -40,7 +40,7 @@ from pydantic import Field
 from torch import nn
 
 from deltafit.deltas._lowrank import SpectralUpdate, columns_frozen
-from deltafit.deltas._targets import check_rank, find_targets
+from deltafit.deltas._targets import check_rank, dense_weight, find_targets, out_features
 from deltafit.deltas.base import Delta, TargetedConfig
 
 
@@ -69,7 +69,7 @@ class LaMDA(Delta):
     def _attach(self, model: nn.Module) -> None:
         c = self.config
         for name, linear in find_targets(model, c.target_modules, c.layers).items():
-            update = SpectralUpdate(linear.weight, c.r, c.alpha / c.r, c.dropout)
+            update = SpectralUpdate(dense_weight(linear), c.r, c.alpha / c.r, c.dropout)
             update.freeze(columns_frozen(0, 1, c.r, c.freeze_b_by))
             self.insertions.parallel(name, linear, "lamda", update)
 
@@ -88,7 +88,7 @@ class LaMDA(Delta):
         c = self.config
         b_trains = columns_frozen(0, 1, c.r, c.freeze_b_by) < c.r
         targets = find_targets(model, c.target_modules, c.layers)
-        return sum(c.r * c.r + (c.r * m.out_features if b_trains else 0) for m in targets.values())
+        return sum(c.r * c.r + (c.r * out_features(m) if b_trains else 0) for m in targets.values())
 
 
 DELTA = LaMDA

@@ -37,7 +37,7 @@ from pydantic import Field
 from torch import nn
 
 from deltafit.deltas._lowrank import SpectralUpdate, columns_frozen, singular_values
-from deltafit.deltas._targets import check_rank, find_targets, refuse_above, shape
+from deltafit.deltas._targets import check_rank, dense_weight, find_targets, out_features, refuse_above, shape
 from deltafit.deltas.base import Delta
 from deltafit.deltas.lamda import LaMDA, LaMDAConfig
 from deltafit.errors import UserError
@@ -77,7 +77,7 @@ class LaMDAPlusPlus(Delta):
         self.config = c.model_copy(update={"ranks": ranks})  # saved with every checkpoint
         for name, linear in targets.items():
             r = ranks[name]
-            update = SpectralUpdate(linear.weight, r, c.alpha / r, c.dropout)
+            update = SpectralUpdate(dense_weight(linear), r, c.alpha / r, c.dropout)
             update.freeze(columns_frozen(0, 1, r, c.freeze_b_by))
             self.insertions.parallel(name, linear, "lamda", update)
 
@@ -102,7 +102,7 @@ class LaMDAPlusPlus(Delta):
         targets = find_targets(model, c.target_modules, c.layers)
         ranks = self._ranks(targets)
         b_trains = c.freeze_b_by > 0
-        return sum(ranks[n] ** 2 + (ranks[n] * m.out_features if b_trains else 0) for n, m in targets.items())
+        return sum(ranks[n] ** 2 + (ranks[n] * out_features(m) if b_trains else 0) for n, m in targets.items())
 
     def describe_targets(self) -> list[str]:
         hosts = self.insertions.hosts

@@ -16,7 +16,7 @@ from pydantic import Field
 from torch import nn
 
 from deltafit.deltas._lowrank import LowRankUpdate, lora_scale
-from deltafit.deltas._targets import find_targets
+from deltafit.deltas._targets import find_targets, in_features, out_features
 from deltafit.deltas.base import Delta, TargetedConfig
 from deltafit.deltas.lora import LoRA
 
@@ -48,7 +48,8 @@ class LoRAFA(Delta):
         c = self.config
         scale = lora_scale(c.alpha, c.r, c.rslora)
         for name, linear in find_targets(model, c.target_modules, c.layers).items():
-            update = LowRankUpdate(linear.in_features, linear.out_features, c.r, scale, c.dropout, linear.weight.device)
+            update = LowRankUpdate(in_features(linear), out_features(linear), c.r, scale, c.dropout,
+                                   linear.weight.device)
             update.A.requires_grad_(False)
             self.insertions.parallel(name, linear, "lora", update)
 
@@ -65,7 +66,7 @@ class LoRAFA(Delta):
 
     def expected_trainable_params(self, model: nn.Module) -> int:
         targets = find_targets(model, self.config.target_modules, self.config.layers)
-        return sum(self.config.r * m.out_features for m in targets.values())
+        return sum(self.config.r * out_features(m) for m in targets.values())
 
 
 def projected_grad(update: LowRankUpdate) -> torch.Tensor:

@@ -37,7 +37,7 @@ from pydantic import Field
 from torch import nn
 
 from deltafit.deltas._lowrank import LowRankUpdate, lora_scale
-from deltafit.deltas._targets import find_targets
+from deltafit.deltas._targets import find_targets, in_features, is_transposed, out_features
 from deltafit.deltas.base import Delta, TargetedConfig
 from deltafit.deltas.lora import LoRA
 from deltafit.errors import UserError
@@ -67,7 +67,11 @@ class QLoRA(Delta):
                    "merges into the dequantized base.")
     lossy_base = True
     Config = QLoRAConfig
-    check_fits = LoRA.check_fits  # the same r beside the same targets, checked before anything is quantized
+
+    def check_fits(self, model: nn.Module) -> None:
+        # the same r beside the same targets, checked before anything is quantized
+        _refuse_conv1d(find_targets(model, self.config.target_modules, self.config.layers))
+        LoRA.check_fits(self, model)
 
     def _attach(self, model: nn.Module) -> None:
         c = self.config
@@ -77,7 +81,8 @@ class QLoRA(Delta):
         self._quantized: dict[str, tuple[nn.Linear, bool]] = {}
         for name, linear in targets.items():
             self._quantize(name, linear)
-            update = LowRankUpdate(linear.in_features, linear.out_features, c.r, scale, c.dropout, linear.weight.device)
+            update = LowRankUpdate(in_features(linear), out_features(linear), c.r, scale, c.dropout,
+                                   linear.weight.device)
             self.insertions.parallel(name, linear, "lora", update)
 
     def _quantize(self, name: str, linear: nn.Linear) -> None:
@@ -107,7 +112,9 @@ class QLoRA(Delta):
                 _restore(linear, linear.weight.get_original_weight(), flag)
         self._quantized.clear()
 
-    expected_trainable_params = LoRA.expected_trainable_params  # the same r (in + out) per target
+    def expected_trainable_params(self, model: nn.Module) -> int:
+        _refuse_conv1d(find_targets(model, self.config.target_modules, self.config.layers))
+        return LoRA.expected_trainable_params(self, model)  # the same r (in + out) per target
 
     # PEFT: a plain LORA adapter; the tensors are LoRA's (same `LowRankUpdate`, same keys). What the
     # LoRA format cannot say is that they were trained against the NF4 base: on the full-precision
@@ -134,6 +141,16 @@ def _restore(linear: nn.Linear, weight: torch.Tensor, requires_grad: bool) -> No
 def _scaler_block(n_blocks: int, wanted: int) -> int:
     """The largest divisor of n_blocks not above `wanted` (torchao needs an exact fit)."""
     return max(d for d in range(1, min(wanted, n_blocks) + 1) if n_blocks % d == 0)
+
+
+def _refuse_conv1d(targets: dict[str, nn.Module]) -> None:
+    """GPT-2's Conv1D multiplies its weight with torch.addmm, which torchao's NF4Tensor does not
+    implement (it handles only F.linear): such a layer cannot keep a 4-bit weight."""
+    conv = [name for name, module in targets.items() if is_transposed(module)]
+    if conv:
+        raise UserError(f"recipe key 'delta.target_modules': '{conv[0]}' is a GPT-2-style Conv1D layer, whose weight "
+                        f"cannot be stored 4-bit (NF4 supports only nn.Linear); use method 'lora' on this model, or "
+                        f"target its nn.Linear modules only")
 
 
 def _refuse_shared_weights(model: nn.Module, targets: dict[str, nn.Module]) -> None:

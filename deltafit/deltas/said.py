@@ -171,7 +171,7 @@ class SAID(Delta):
         for name, linear in targets.items():
             device = linear.weight.device
             projection = Fastfood(c.dimension, linear.weight.numel(), generator, device)
-            update = SAIDUpdate(shared, projection, tuple(linear.weight.shape), device)
+            update = SAIDUpdate(shared, projection, shape(linear), device)  # out x in, even for a Conv1D
             self.insertions.parallel(name, linear, "said", update)
 
     def _layers(self):

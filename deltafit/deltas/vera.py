@@ -17,7 +17,7 @@ from pydantic import Field
 from torch import nn
 
 from deltafit.deltas._lowrank import seeded_kaiming_uniform
-from deltafit.deltas._targets import check_within_base, find_targets, shape
+from deltafit.deltas._targets import check_within_base, find_targets, in_features, linear_kinds, out_features, shape
 from deltafit.deltas.base import Delta, TargetedConfig
 from deltafit.errors import UserError
 
@@ -103,13 +103,13 @@ class VeRA(Delta):
     def _attach(self, model: nn.Module) -> None:
         c = self.config
         targets = find_targets(model, c.target_modules, c.layers)
-        in_max = max(m.in_features for m in targets.values())
-        out_max = max(m.out_features for m in targets.values())
+        in_max = max(in_features(m) for m in targets.values())
+        out_max = max(out_features(m) for m in targets.values())
         device = next(iter(targets.values())).weight.device
         shared = SharedProjections(c.r, in_max, out_max, c.projection_seed, device)
         self.insertions.holder("", model, SHARED, shared)
         for name, linear in targets.items():
-            update = VeRAUpdate(shared, linear.in_features, linear.out_features, c.r, c.d_initial, c.dropout,
+            update = VeRAUpdate(shared, in_features(linear), out_features(linear), c.r, c.d_initial, c.dropout,
                                 linear.weight.device)
             self.insertions.parallel(name, linear, "vera", update)
 
@@ -118,7 +118,7 @@ class VeRA(Delta):
 
     def expected_trainable_params(self, model: nn.Module) -> int:
         targets = find_targets(model, self.config.target_modules, self.config.layers)
-        return sum(self.config.r + m.out_features for m in targets.values())
+        return sum(self.config.r + out_features(m) for m in targets.values())
 
     def describe_targets(self) -> list[str]:
         return [key for key in self.insertions.hosts if key != SHARED]
@@ -191,7 +191,7 @@ def _in_features(config, hosts: list[str]) -> dict[str, int]:
 
     with torch.device("meta"):
         backbone = AutoModel.from_config(config)
-    linears = {n: m.in_features for n, m in backbone.named_modules() if isinstance(m, nn.Linear)}
+    linears = {n: in_features(m) for n, m in backbone.named_modules() if isinstance(m, linear_kinds())}
     found = {}
     for host in hosts:  # the backbone's names lack the task model's prefix ("model.", "bert.")
         names = [n for n in linears if n and (host == n or host.endswith("." + n))]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 PAD = 2  # "<pad>" in the conftest tokenizer (also present in the Llama one, which just has no pad_token set)
+CAUSAL = ("llama", "gpt2")  # archs loaded as causal LMs (the others are BERT-style sequence classifiers)
 
 
 def quiet_transformers() -> None:
@@ -38,7 +39,7 @@ def load_arch(name: str, directory) -> Arch:
 
     quiet_transformers()
     torch.manual_seed(0)
-    if name == "llama":  # causal LM
+    if name in CAUSAL:  # causal LM
         model, head = AutoModelForCausalLM.from_pretrained(directory), []
     else:  # BERT seq-cls: the pooler and classifier are missing from the checkpoint, so they are the head
         model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=2)
@@ -54,7 +55,7 @@ def make_batch(arch: str, size: int = 3, length: int = 7) -> dict[str, torch.Ten
     mask[1, length - 3:] = 0
     mask[2, :2] = 0
     ids = ids.masked_fill(mask == 0, PAD)
-    if arch == "llama":
+    if arch in CAUSAL:
         return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1][:size])}
 

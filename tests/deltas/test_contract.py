@@ -1,5 +1,6 @@
-"""The Delta contract, run over every method in the registry on a tiny Llama (causal LM) and a tiny
-BERT (sequence classification). A method added to `deltafit.deltas.METHODS` is tested here without
+"""The Delta contract, run over every method in the registry on a tiny Llama (causal LM), a tiny
+BERT (sequence classification) and a tiny GPT-2 (causal LM whose projections are transformers'
+Conv1D, weight stored in x out). A method added to `deltafit.deltas.METHODS` is tested here without
 touching this file; give it small options in OPTIONS if its defaults are heavy.
 """
 
@@ -27,19 +28,23 @@ OPTIONS = {
     "adalora": {"init_r": 4, "target_r": 2},
     "aflora": {"r": 2},
     "qlora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    "dora": {"r": 4, "alpha": 8},
+    "partial": {"layers": [0, -1], "unfreeze_every": 2}, "lisa": {"gamma": 1, "interval": 2},  # blocks that close
 }
 # (method, arch) pairs the method legitimately refuses with a UserError.
 REFUSES = {("bitfit", "llama")}  # Llama has no biases: BitFit would train nothing
+REFUSES.add(("qlora", "gpt2"))  # NF4 weights work only through F.linear; GPT-2's Conv1D multiplies with addmm
 
-ARCHS = ["llama", "bert"]
+ARCHS = ["llama", "bert", "gpt2"]
 CASES = [pytest.param(m, a, id=f"{m}-{a}") for m in deltas.METHODS for a in ARCHS]
 SUPPORTED = [c for c in CASES if tuple(c.values) not in REFUSES]
 REFUSED = [c for c in CASES if tuple(c.values) in REFUSES]
 
 
 @pytest.fixture(scope="module")
-def archs(tiny_llama, tiny_bert):
-    return {"llama": load_arch("llama", tiny_llama), "bert": load_arch("bert", tiny_bert)}
+def archs(tiny_llama, tiny_bert, tiny_gpt2):
+    return {"llama": load_arch("llama", tiny_llama), "bert": load_arch("bert", tiny_bert),
+            "gpt2": load_arch("gpt2", tiny_gpt2)}
 
 
 def build(method: str):
@@ -262,6 +267,67 @@ def test_merge(archs, method, arch):
     assert (merged - unmerged).abs().max().item() <= 1e-5
     assert hook_count(model) == hook_count(spec.pristine)
     assert [n for n, _ in model.named_modules()] == [n for n, _ in spec.pristine.named_modules()]
+
+
+# -- mixed precision -----------------------------------------------------------------------------
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _has_dropout(method: str) -> bool:
+    return "dropout" in deltas.config_class(method).model_fields
+
+
+def _dropouts(method: str) -> list[float]:
+    """0, and 0.1 where the method has a dropout option (its own code path: masks, custom backward)."""
+    return [0.0, 0.1] if _has_dropout(method) else [0.0]
+
+
+def _autocast_cases() -> list:
+    """Every method x precision x dropout, each on one arch: the arch cycles through those the method
+    supports (one step per case keeps the suite short; a method with dropout meets every arch)."""
+    cases = []
+    for method in deltas.METHODS:
+        supported = [a for a in ARCHS if (method, a) not in REFUSES]
+        combos = [(p, d) for d in _dropouts(method) for p in PRECISIONS]
+        for i, (precision, dropout) in enumerate(combos):
+            arch = supported[i % len(supported)]
+            case_id = f"{method}-{arch}-{precision}-dropout{dropout}"
+            cases.append(pytest.param(method, arch, precision, dropout, id=case_id))
+    return cases
+
+
+AUTOCAST = _autocast_cases()
+
+
+@pytest.mark.parametrize("method,arch,precision,dropout", AUTOCAST)
+def test_one_step_under_autocast(archs, method, arch, precision, dropout):
+    """train.mixed_precision bf16/fp16: Accelerate runs forward under torch.autocast (on CPU too) with
+    fp32 weights; one trainer-like step must give a finite loss and finite, non-zero gradients."""
+    spec = archs[arch]
+    options = {**OPTIONS.get(method, {}), **({"dropout": dropout} if _has_dropout(method) else {})}
+    model, delta = spec.fresh(), deltas.build(validate_delta({"method": method, **options}))
+    delta.attach(model, head=spec.head)
+    perturb(delta)  # zero-init halves (LoRA's B) would leave their partners without a gradient
+    params = delta.trainable_parameters()
+    optimizer = torch.optim.AdamW(list(params.values()), lr=1e-3, weight_decay=0.0)
+    model.train()
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=PRECISIONS[precision]):
+        loss = model(**delta.prepare_inputs(make_batch(arch))).loss
+        extra = delta.extra_loss()
+        loss = loss if extra is None else loss + extra
+    loss.backward()
+    assert math.isfinite(loss.item())
+    grads = {n: p.grad for n, p in params.items() if p.grad is not None}
+    assert grads, "no trainable tensor got a gradient"
+    assert all(torch.isfinite(g).all() for g in grads.values()), "non-finite gradients"
+    assert any(g.abs().sum() > 0 for g in grads.values()), "all gradients are zero"
+    delta.check_run(10)
+    delta.before_optimizer_step(1)
+    optimizer.step()
+    delta.on_step_end(1, 10)
+    assert all(torch.isfinite(p).all() for p in params.values())
 
 
 def _assert_structure_restored(model, original) -> None:

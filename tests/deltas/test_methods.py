@@ -138,13 +138,13 @@ def test_bitfit_trains_every_bias(bert):
     assert "bert.encoder.layer.0.attention.output.LayerNorm.bias" in biases
 
 
-def test_bitfit_subset_is_query_and_second_mlp_bias(bert):
+def test_bitfit_subset_is_query_and_middle_of_mlp_bias(bert):
     model, delta = bert.fresh(), build("bitfit", subset=True)
     delta.attach(model, head=bert.head)
     assert sorted(delta.delta_parameters()) == sorted(
-        f"bert.encoder.layer.{i}.{m}.bias" for i in range(2) for m in ("attention.self.query", "output.dense")
-    )
-    assert numel(delta.delta_parameters().values()) == 4 * 32 == delta.expected_trainable_params(bert.pristine)
+        f"bert.encoder.layer.{i}.{m}.bias" for i in range(2) for m in ("attention.self.query", "intermediate.dense")
+    )  # hidden 32, intermediate 64, 2 blocks
+    assert numel(delta.delta_parameters().values()) == 2 * (32 + 64) == delta.expected_trainable_params(bert.pristine)
 
 
 def test_bitfit_merge_keeps_trained_biases_detach_restores_them(bert):
