@@ -136,9 +136,10 @@ def load_peft_adapter(path: Path, base_model: Optional[str] = None) -> tuple[dic
     # An adapter carries no data: eval needs --data, read as classification rows or alpaca rows.
     recipe = {"model": model, "data": {"train": "", "format": "classification" if task == "seq-cls" else "alpaca"},
               "delta": delta_config}
-    meta = {"format": checkpoint.FORMAT, "method": method.name, "delta_config": delta_config, "model": model,
-            "task": task, "label_names": None, "step": None, "epoch": None, "source": f"peft:{path}",
-            "recipe": recipe}
+    # The method is the one `from_peft` chose: a LORA adapter with use_dora imports as "dora".
+    meta = {"format": checkpoint.FORMAT, "method": delta_config["method"], "delta_config": delta_config,
+            "model": model, "task": task, "label_names": None, "step": None, "epoch": None,
+            "source": f"peft:{path}", "recipe": recipe}
     return meta, state
 
 
@@ -203,6 +204,9 @@ PEFT_FIELDS = {
                 **dict.fromkeys(("beta1", "beta2", "orth_reg_weight"), _NUMBER_OR_NULL)},
     "PREFIX_TUNING": {"num_transformer_submodules": _WHOLE_OR_NULL},
     "PROMPT_TUNING": {"num_transformer_submodules": _WHOLE_OR_NULL},
+    "P_TUNING": {"num_transformer_submodules": _WHOLE_OR_NULL},
+    "IA3": {"feedforward_modules": (_or_null(lambda v: isinstance(v, str) or _NAMES[0](v)),
+                                    "null, a regex (a string) or a list of module names")},
 }
 PEFT_REQUIRED = {"LORA": ("r", "lora_alpha"), "VERA": ("r",)}  # read without a default
 

@@ -364,8 +364,10 @@ def test_unsupported_peft_adapters_are_refused(peft_trained_lora, tmp_path):
     adapter, _ = peft_trained_lora
     config = json.loads((adapter / "adapter_config.json").read_text())
     for name, change, message in [
-        ("ia3", {"peft_type": "IA3"}, "IA3.*cannot be imported.*ADALORA, LORA, PREFIX_TUNING, PROMPT_TUNING, VERA "),
-        ("dora", {"use_dora": True}, "use_dora=True has no deltafit equivalent"),
+        ("oft", {"peft_type": "OFT"}, "OFT.*cannot be imported: deltafit has no method.*reads .*IA3.*LORA"),
+        # DoRA imports (tests/deltas/test_dora.py); one without its magnitude vectors is refused
+        ("dora", {"use_dora": True}, "DoRA adapter: modules .* lack either lora_magnitude_vector"),
+        ("pissa", {"init_lora_weights": "pissa"}, "init_lora_weights='pissa'.*path_initial_model_for_weight"),
         ("seq2seq", {"task_type": "SEQ_2_SEQ_LM"}, "task_type 'SEQ_2_SEQ_LM' is not supported"),
     ]:
         bad = tmp_path / name

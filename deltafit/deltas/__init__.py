@@ -30,6 +30,8 @@ METHODS = {
     "adapter": Entry("adapter"),
     "prefix": Entry("prefix", peft_type="PREFIX_TUNING"),
     "prompt": Entry("prompt", peft_type="PROMPT_TUNING"),
+    "ptuning": Entry("ptuning", peft_type="P_TUNING"),
+    "ptuning-v2": Entry("ptuning_v2", peft_type="PREFIX_TUNING"),
     "lamda": Entry("lamda", mergeable=True),
     "lamda-pp": Entry("lamda_pp", mergeable=True),
     "vera": Entry("vera", mergeable=True, peft_type="VERA"),
@@ -38,6 +40,13 @@ METHODS = {
     "adalora": Entry("adalora", mergeable=True, peft_type="ADALORA"),
     "aflora": Entry("aflora", mergeable=True),
     "qlora": Entry("qlora", mergeable=True, peft_type="LORA"),
+    "diff-pruning": Entry("diff_pruning", mergeable=True),
+    "masking": Entry("masking", mergeable=True),
+    "dora": Entry("dora", mergeable=True, peft_type="LORA"),
+    "layernorm": Entry("layernorm", mergeable=True, peft_type="LN_TUNING"),
+    "ia3": Entry("ia3", mergeable=True, peft_type="IA3"),
+    "partial": Entry("partial", mergeable=True),
+    "lisa": Entry("lisa", mergeable=True),
 }
 
 

@@ -93,26 +93,7 @@ class PromptTuning(Delta):
 
     def prepare_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Swap input_ids for [prompt][padding][tokens] embeddings and move everything per-token along."""
-        if "position_ids" in batch and batch.get("attention_mask") is None:
-            raise UserError("method 'prompt' does not support packed batches (position_ids without an attention mask)")
-        batch = dict(batch)
-        ids, embeds = batch.pop("input_ids", None), batch.pop("inputs_embeds", None)
-        embeds = self.model.get_input_embeddings()(ids) if embeds is None else embeds
-        size, length = embeds.shape[:2]
-        mask = batch.get("attention_mask")
-        mask = torch.ones(size, length, dtype=torch.long, device=embeds.device) if mask is None else mask
-        order = torch.sort(mask.long(), dim=1, stable=True).indices  # padding first, tokens keep their order
-        p = self.config.num_virtual_tokens
-        for key, value in list(batch.items()):
-            if _per_token(key, value, size, length):
-                batch[key] = _prepend(key, value.gather(1, order), mask.gather(1, order), p)
-        prompt = self.insertions.hosts[CHILD][2].weight.to(embeds.dtype)
-        rolled = embeds.gather(1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
-        batch["inputs_embeds"] = torch.cat([prompt.expand(size, -1, -1), rolled], dim=1)
-        batch["attention_mask"] = torch.cat([mask.new_ones(size, p), mask.gather(1, order)], dim=1)
-        if "position_ids" not in batch and _accepts(self.model, "position_ids"):
-            batch["position_ids"] = _positions(batch["attention_mask"])
-        return batch
+        return prepend_prompt(self.model, batch, self.insertions.hosts[CHILD][2].weight, self.name)
 
     def expected_trainable_params(self, model: nn.Module) -> int:
         return self.config.num_virtual_tokens * model.get_input_embeddings().weight.shape[1]
@@ -138,6 +119,31 @@ class PromptTuning(Delta):
         weight = tensors["prompt_embeddings"]
         config = {"method": "prompt", "num_virtual_tokens": int(weight.shape[0]), "init": "random"}
         return config, {f"{CHILD}.weight": weight}
+
+
+def prepend_prompt(model: nn.Module, batch: dict[str, Any], prompt: torch.Tensor, method: str) -> dict[str, Any]:
+    """`batch` with its input_ids swapped for [prompt][padding][tokens] embeddings, `prompt` (p, d)
+    in front of every row, and everything per-token moved along. Shared with P-Tuning, whose prompt
+    is an encoder's output."""
+    if "position_ids" in batch and batch.get("attention_mask") is None:
+        raise UserError(f"method '{method}' does not support packed batches (position_ids without an attention mask)")
+    batch = dict(batch)
+    ids, embeds = batch.pop("input_ids", None), batch.pop("inputs_embeds", None)
+    embeds = model.get_input_embeddings()(ids) if embeds is None else embeds
+    size, length = embeds.shape[:2]
+    mask = batch.get("attention_mask")
+    mask = torch.ones(size, length, dtype=torch.long, device=embeds.device) if mask is None else mask
+    order = torch.sort(mask.long(), dim=1, stable=True).indices  # padding first, tokens keep their order
+    p = prompt.shape[0]
+    for key, value in list(batch.items()):
+        if _per_token(key, value, size, length):
+            batch[key] = _prepend(key, value.gather(1, order), mask.gather(1, order), p)
+    rolled = embeds.gather(1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+    batch["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype).expand(size, -1, -1), rolled], dim=1)
+    batch["attention_mask"] = torch.cat([mask.new_ones(size, p), mask.gather(1, order)], dim=1)
+    if "position_ids" not in batch and _accepts(model, "position_ids"):
+        batch["position_ids"] = _positions(batch["attention_mask"])
+    return batch
 
 
 def _per_token(key: str, value: Any, size: int, length: int) -> bool:
