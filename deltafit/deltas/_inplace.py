@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deltafit.deltas.base import Delta
+
 
 class InPlaceParams:
     def __init__(self):
@@ -38,3 +40,35 @@ class InPlaceParams:
     def clear(self) -> None:
         self.params.clear()
         self._originals.clear()
+
+
+class InPlaceDelta(Delta):
+    """A method whose delta is a chosen set of the model's own tensors, trained in place (BitFit,
+    LayerNorm tuning). Subclasses name them in `_chosen(model)`; detach gives back their starting
+    values, merge keeps the trained ones (they already sit in the model)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.base_params = InPlaceParams()
+
+    def _chosen(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        raise NotImplementedError
+
+    def _attach(self, model: nn.Module) -> None:
+        self.base_params.unfreeze(self._chosen(model), keep_originals=True)
+
+    def _detach(self) -> None:
+        self.base_params.restore()
+        self.base_params.clear()
+
+    def _merge(self) -> None:
+        self.base_params.keep_trained()  # only stop detach from restoring the starting values
+
+    def delta_parameters(self) -> dict[str, nn.Parameter]:
+        return dict(self.base_params.params)
+
+    def expected_trainable_params(self, model: nn.Module) -> int:
+        return sum(p.numel() for p in self._chosen(model).values())
+
+    def describe_targets(self) -> list[str]:
+        return list(self.base_params.params)

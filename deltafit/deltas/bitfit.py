@@ -18,9 +18,9 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from deltafit.deltas._inplace import InPlaceParams
+from deltafit.deltas._inplace import InPlaceDelta
 from deltafit.deltas._targets import block_index, find_targets
-from deltafit.deltas.base import Delta, DeltaConfig
+from deltafit.deltas.base import DeltaConfig
 from deltafit.errors import UserError
 
 # Subset variant, per architecture: a regex over module names whose bias trains (query projection
@@ -44,37 +44,13 @@ class BitFitConfig(DeltaConfig):
     )
 
 
-class BitFit(Delta):
+class BitFit(InPlaceDelta):
     name = "bitfit"
     family = "specification"
     description = "Only bias terms train (plus the task head); needs a model with biases (BERT-like)."
     Config = BitFitConfig
 
-    def __init__(self, config: BitFitConfig):
-        super().__init__(config)
-        self.base_params = InPlaceParams()
-
-    def _attach(self, model: nn.Module) -> None:
-        self.base_params.unfreeze(self._biases(model), keep_originals=True)
-
-    def _detach(self) -> None:
-        self.base_params.restore()
-        self.base_params.clear()
-
-    def _merge(self) -> None:
-        # The biases already hold the trained values; only stop detach from restoring them.
-        self.base_params.keep_trained()
-
-    def delta_parameters(self) -> dict[str, nn.Parameter]:
-        return dict(self.base_params.params)
-
-    def expected_trainable_params(self, model: nn.Module) -> int:
-        return sum(p.numel() for p in self._biases(model).values())
-
-    def describe_targets(self) -> list[str]:
-        return list(self.base_params.params)
-
-    def _biases(self, model: nn.Module) -> dict[str, nn.Parameter]:
+    def _chosen(self, model: nn.Module) -> dict[str, nn.Parameter]:
         _check_has_biases(model)
         if not self.config.subset:
             return {n: p for n, p in model.named_parameters() if n == "bias" or n.endswith(".bias")}

@@ -6,7 +6,7 @@ its type, not its name (`nn.LayerNorm`, `nn.RMSNorm`, or a class named `*LayerNo
 LlamaRMSNorm, T5LayerNorm...), so every architecture works without a per-model list; the final norm
 (Llama's `model.norm`) is included, as in PEFT's LN_TUNING defaults.
 
-Like BitFit, the tensors are the model's own, trained in place (`_inplace.InPlaceParams`): a
+Like BitFit, the tensors are the model's own, trained in place (`_inplace.InPlaceDelta`): a
 checkpoint holds the trained norm tensors under their model names, `merge()` keeps them (nothing to
 fold), `detach()` restores the starting values it kept (norms are tiny, so the copy costs nothing).
 
@@ -20,9 +20,9 @@ from typing import Literal
 
 from torch import nn
 
-from deltafit.deltas._inplace import InPlaceParams
+from deltafit.deltas._inplace import InPlaceDelta
 from deltafit.deltas._targets import find_targets
-from deltafit.deltas.base import Delta, TargetedConfig
+from deltafit.deltas.base import TargetedConfig
 from deltafit.errors import UserError
 
 PEFT_LAYER = ".ln_tuning_layers."  # PEFT keeps the trained copy of a norm under this child
@@ -35,40 +35,19 @@ class LayerNormConfig(TargetedConfig):
     # (None: every norm of the model, the final one included).
 
 
-class LayerNormTuning(Delta):
+class LayerNormTuning(InPlaceDelta):
     name = "layernorm"
     family = "specification"
     description = "Only the LayerNorm/RMSNorm weights (and biases) train, plus the task head; merges (in place)."
     Config = LayerNormConfig
 
-    def __init__(self, config: LayerNormConfig):
-        super().__init__(config)
-        self.base_params = InPlaceParams()
-
     def check_fits(self, model: nn.Module) -> None:
         self._norms(model)  # refuses a model without norms, or a target spec matching none
-
-    def _attach(self, model: nn.Module) -> None:
-        self.base_params.unfreeze(self._norm_params(model), keep_originals=True)
-
-    def _detach(self) -> None:
-        self.base_params.restore()
-        self.base_params.clear()
-
-    def _merge(self) -> None:
-        # The norms already hold the trained values; only stop detach from restoring them.
-        self.base_params.keep_trained()
-
-    def delta_parameters(self) -> dict[str, nn.Parameter]:
-        return dict(self.base_params.params)
-
-    def expected_trainable_params(self, model: nn.Module) -> int:
-        return sum(p.numel() for p in self._norm_params(model).values())
 
     def describe_targets(self) -> list[str]:
         return sorted({n.rsplit(".", 1)[0] for n in self.base_params.params})
 
-    def _norm_params(self, model: nn.Module) -> dict[str, nn.Parameter]:
+    def _chosen(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """{model parameter name: tensor} of the chosen norms' own weights and biases."""
         return {f"{name}.{p_name}": p for name, module in self._norms(model).items()
                 for p_name, p in module.named_parameters(recurse=False)}
