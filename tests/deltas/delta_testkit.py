@@ -107,3 +107,32 @@ def hook_count(model: nn.Module) -> int:
 
 def numel(params) -> int:
     return sum(p.numel() for p in params)
+
+
+def trainer_parts(delta, total: int, weight_decay: float = 0.0):
+    """The trainer's own AdamW and a constant schedule for `total` steps (weight decay would move a leaked tensor)."""
+    from deltafit.recipe import TrainSpec
+    from deltafit.train import build_optimizer, build_scheduler
+
+    t = TrainSpec(lr=1e-2, weight_decay=weight_decay, max_steps=total, scheduler="constant")
+    optimizer = build_optimizer(delta, t)
+    return optimizer, build_scheduler(optimizer, t, total)
+
+
+def deeper_llama(directory, blocks: int) -> nn.Module:
+    """The tiny Llama of `directory` rebuilt with `blocks` blocks (random init, seed 0, eval mode)."""
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(directory)
+    config.num_hidden_layers = blocks
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def block_of(name: str):
+    """The block index in a parameter name (`...layers.3...` / `...layer.3...`), or None."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("layers", "layer") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None

@@ -19,11 +19,10 @@ from safetensors.torch import load_file
 from deltafit import checkpoint, deltas
 from deltafit.deltas.lisa import sample_blocks
 from deltafit.errors import UserError
-from deltafit.recipe import TrainSpec, validate_delta
-from deltafit.train import build_optimizer, build_scheduler
+from deltafit.recipe import validate_delta
 from tests.helpers import run_cli, write_recipe
 
-from delta_testkit import forward, make_batch
+from delta_testkit import block_of, deeper_llama, forward, make_batch, trainer_parts
 
 BLOCKS, K, GAMMA = 6, 3, 2
 OPTIONS = {"interval": K, "gamma": GAMMA, "seed": 11}
@@ -33,12 +32,7 @@ TOTAL = 18  # six sampling intervals
 @pytest.fixture(scope="module")
 def llama6(tiny_llama):
     """A 6-block version of the tiny Llama: enough blocks for the sampled sets to differ."""
-    from transformers import AutoConfig, LlamaForCausalLM
-
-    config = AutoConfig.from_pretrained(tiny_llama)
-    config.num_hidden_layers = BLOCKS
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    return deeper_llama(tiny_llama, BLOCKS)
 
 
 def attach(model, head=(), **options):
@@ -47,18 +41,6 @@ def attach(model, head=(), **options):
     return delta
 
 
-def block_of(name: str):
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part in ("layers", "layer") and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None
-
-
-def trainer_parts(delta, total: int):
-    t = TrainSpec(lr=1e-2, weight_decay=0.1, max_steps=total, scheduler="constant")  # decay would move a leak
-    optimizer = build_optimizer(delta, t)
-    return optimizer, build_scheduler(optimizer, t, total)
 
 
 def train_steps(model, delta, optimizer, scheduler, steps, total, record=None, after=None):
@@ -83,7 +65,7 @@ def train_steps(model, delta, optimizer, scheduler, steps, total, record=None, a
 def trained_blocks(model, delta, steps=TOTAL, **options) -> dict[int, frozenset]:
     """The blocks that got a gradient in each step of a run (the truth, not the delta's bookkeeping)."""
     delta = delta or attach(model, **options)
-    optimizer, scheduler = trainer_parts(delta, steps)
+    optimizer, scheduler = trainer_parts(delta, steps, weight_decay=0.1)
     params = dict(model.named_parameters())
     seen = {}
 
@@ -128,7 +110,7 @@ def test_sampling_is_uniform():
 def test_a_reclosed_block_keeps_its_optimizer_state_without_updates(llama6):
     model = copy.deepcopy(llama6)
     delta = attach(model, **OPTIONS)
-    optimizer, scheduler = trainer_parts(delta, TOTAL)
+    optimizer, scheduler = trainer_parts(delta, TOTAL, weight_decay=0.1)
     params = {n: p for n, p in model.named_parameters() if block_of(n) is not None}
     snapshots, problems = {}, []
 
@@ -165,12 +147,12 @@ def test_resume_from_schedule_state_is_exact(llama6, tmp_path):
     stop = 7  # inside the third interval
     straight_model = copy.deepcopy(llama6)
     straight = attach(straight_model, interval=K, gamma=GAMMA)  # seed from the run (torch's initial seed)
-    optimizer, scheduler = trainer_parts(straight, TOTAL)
+    optimizer, scheduler = trainer_parts(straight, TOTAL, weight_decay=0.1)
     train_steps(straight_model, straight, optimizer, scheduler, range(1, TOTAL + 1), TOTAL)
 
     model = copy.deepcopy(llama6)
     delta = attach(model, interval=K, gamma=GAMMA)
-    optimizer, scheduler = trainer_parts(delta, TOTAL)
+    optimizer, scheduler = trainer_parts(delta, TOTAL, weight_decay=0.1)
     train_steps(model, delta, optimizer, scheduler, range(1, stop + 1), TOTAL)
     meta = {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, "method": delta.name,
             "delta_config": delta.config.model_dump(mode="json"), "model": {"name": "tiny-llama"}, "task": "causal-lm"}
@@ -182,7 +164,7 @@ def test_resume_from_schedule_state_is_exact(llama6, tmp_path):
     torch.manual_seed(999)  # a new process, another seed: the saved one must win
     model = copy.deepcopy(llama6)
     delta = attach(model, interval=K, gamma=GAMMA)
-    optimizer, scheduler = trainer_parts(delta, TOTAL)
+    optimizer, scheduler = trainer_parts(delta, TOTAL, weight_decay=0.1)
     _, tensors = checkpoint.load(tmp_path / "step")
     delta.load_state_dict(tensors)
     restored = checkpoint.load_trainer_state(tmp_path / "step")

@@ -16,11 +16,10 @@ from safetensors.torch import load_file
 
 from deltafit import checkpoint, deltas
 from deltafit.errors import UserError
-from deltafit.recipe import TrainSpec, validate_delta
-from deltafit.train import build_optimizer, build_scheduler
+from deltafit.recipe import validate_delta
 from tests.helpers import run_cli, write_recipe
 
-from delta_testkit import forward, load_arch, make_batch
+from delta_testkit import block_of, deeper_llama, forward, load_arch, make_batch, trainer_parts
 
 BLOCKS = 4
 
@@ -38,12 +37,7 @@ def bert(tiny_bert):
 @pytest.fixture(scope="module")
 def llama4(tiny_llama):
     """A 4-block version of the tiny Llama: enough blocks to watch a top-down schedule."""
-    from transformers import AutoConfig, LlamaForCausalLM
-
-    config = AutoConfig.from_pretrained(tiny_llama)
-    config.num_hidden_layers = BLOCKS
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    return deeper_llama(tiny_llama, BLOCKS)
 
 
 def attach(model, head=(), **options):
@@ -52,18 +46,6 @@ def attach(model, head=(), **options):
     return delta
 
 
-def block_of(name: str):
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part in ("layers", "layer") and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None
-
-
-def trainer_parts(delta, total: int):
-    t = TrainSpec(lr=1e-2, weight_decay=0.1, max_steps=total, scheduler="constant")  # decay would move a leak
-    optimizer = build_optimizer(delta, t)
-    return optimizer, build_scheduler(optimizer, t, total)
 
 
 def train_steps(model, delta, optimizer, scheduler, steps, total, record=None):
@@ -166,7 +148,7 @@ TOTAL = 8
 def test_gradual_unfreezing_opens_one_more_block_every_n_steps_top_down(llama4):
     model = _copy(llama4)
     delta = attach(model, **GRADUAL)
-    optimizer, scheduler = trainer_parts(delta, TOTAL)
+    optimizer, scheduler = trainer_parts(delta, TOTAL, weight_decay=0.1)
     keys = set(delta.state_dict())
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     params = dict(model.named_parameters())
@@ -192,7 +174,7 @@ def test_gradual_unfreezing_opens_one_more_block_every_n_steps_top_down(llama4):
 def test_gradual_unfreezing_with_top_k_limits_the_final_set(llama4):
     model = _copy(llama4)
     delta = attach(model, top_k=2, unfreeze_every=1)
-    optimizer, scheduler = trainer_parts(delta, 4)
+    optimizer, scheduler = trainer_parts(delta, 4, weight_decay=0.1)
     opened = {}
     _run(model, delta, optimizer, scheduler, range(1, 5), 4, after=lambda s: opened.setdefault(s, delta.open_at(s)))
     assert delta.open_at(0) == [3] and opened == {1: [3, 2], 2: [3, 2], 3: [3, 2], 4: [3, 2]}
@@ -211,12 +193,12 @@ def test_a_run_too_short_to_open_every_block_is_refused(llama4):
 def test_resume_across_an_unfreezing_step_is_exact(llama4, tmp_path, stop):
     straight_model = _copy(llama4)
     straight = attach(straight_model, **GRADUAL)
-    optimizer, scheduler = trainer_parts(straight, TOTAL)
+    optimizer, scheduler = trainer_parts(straight, TOTAL, weight_decay=0.1)
     _run(straight_model, straight, optimizer, scheduler, range(1, TOTAL + 1), TOTAL)
 
     model = _copy(llama4)
     delta = attach(model, **GRADUAL)
-    optimizer, scheduler = trainer_parts(delta, TOTAL)
+    optimizer, scheduler = trainer_parts(delta, TOTAL, weight_decay=0.1)
     _run(model, delta, optimizer, scheduler, range(1, stop + 1), TOTAL)
     _save(tmp_path / "step", delta, optimizer, scheduler, stop)
     del model, delta, optimizer, scheduler
@@ -224,7 +206,7 @@ def test_resume_across_an_unfreezing_step_is_exact(llama4, tmp_path, stop):
     # A new process: fresh model and delta, then the trainer's _restore order.
     model = _copy(llama4)
     delta = attach(model, **GRADUAL)
-    optimizer, scheduler = trainer_parts(delta, TOTAL)
+    optimizer, scheduler = trainer_parts(delta, TOTAL, weight_decay=0.1)
     _restore(tmp_path / "step", delta, optimizer, scheduler)
     assert delta.open_at(delta.step) == straight.open_at(stop) and delta.step == stop
     _run(model, delta, optimizer, scheduler, range(stop + 1, TOTAL + 1), TOTAL)

@@ -16,11 +16,10 @@ from safetensors.torch import load_file, save_file
 
 from deltafit import checkpoint, deltas
 from deltafit.errors import UserError
-from deltafit.recipe import TrainSpec, validate_delta
-from deltafit.train import build_optimizer, build_scheduler
+from deltafit.recipe import validate_delta
 from tests.helpers import run_cli, write_recipe
 
-from delta_testkit import forward, load_arch, make_batch
+from delta_testkit import forward, load_arch, make_batch, trainer_parts
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +32,6 @@ def attach(spec, **options):
     model, delta = spec.fresh(), deltas.build(validate_delta(options))
     delta.attach(model, head=spec.head)
     return model, delta
-
-
-def trainer_parts(delta, total: int, weight_decay: float = 0.0):
-    t = TrainSpec(lr=1e-2, weight_decay=weight_decay, max_steps=total, scheduler="constant")
-    optimizer = build_optimizer(delta, t)
-    return optimizer, build_scheduler(optimizer, t, total)
 
 
 def train_steps(model, delta, optimizer, scheduler, steps, total: int, after_step=None) -> None:
