@@ -32,7 +32,7 @@ def attach_from_checkpoint(model, meta: dict, tensors: dict):
 
     delta = deltas.build(validate_delta(meta["delta_config"], source=f"checkpoint method '{meta['method']}'"))
     head = sorted({k[len("head."):].rsplit(".", 1)[0] for k in tensors if k.startswith("head.")})
-    delta.attach(model, head=head)
+    delta.attach(model, head=head, restoring=True)  # the tensors below replace any initialization
     delta.load_state_dict(tensors)
     return delta
 

@@ -168,7 +168,7 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
         model.enable_input_require_grads()
     delta = deltas.build(recipe.delta)
     delta.tokenizer = tokenizer
-    delta.attach(model, head=head)
+    delta.attach(model, head=head, restoring=resume_from is not None)  # _restore loads the delta
     if data.packed:
         use_packed_attention(model)
     if accelerator.is_main_process:

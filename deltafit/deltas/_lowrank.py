@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -281,20 +282,31 @@ def columns_frozen(step: int, total_steps: int, rank: int, freeze_by: float) -> 
 # -- initializations that move the top of W0 into B A (LoRA's `init: pissa | olora`) -------------
 
 
-def base_factors(weight: torch.Tensor, r: int, scale: float, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+def base_factors(weight: torch.Tensor, r: int, scale: float, kind: str,
+                 niter: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(A0, B0), fp32, with scale * B0 A0 the part of W0 (out x in) that moves into the LoRA path.
 
     pissa (Meng et al. 2024): W0 = U S Vh, A0 = sqrt(S_r / scale) Vh_r, B0 = U_r sqrt(S_r / scale), so
-    scale * B0 A0 is W0's best rank-r approximation; olora (Buyukakyuz 2024): W0 = Q R, B0 = Q_r,
+    scale * B0 A0 is W0's best rank-r approximation (with `niter`, a randomized SVD's estimate of
+    it: Halko et al., oversampled by 8 columns; the model still starts exactly at the base because
+    the residual subtracts whatever factors were drawn); olora (Buyukakyuz 2024): W0 = Q R, B0 = Q_r,
     A0 = R_r (PEFT's OLoRA, no division by scale). Both as PEFT computes them (fp32, on W0's device).
     """
     w = weight.detach().float()
     if kind == "pissa":
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u, s, vh = _svd(w, r, niter)
         root = torch.sqrt(s[:r] / scale)
         return root[:, None] * vh[:r], u[:, :r] * root[None, :]
     q, rr = torch.linalg.qr(w)
     return rr[:r].contiguous(), q[:, :r].contiguous()
+
+
+def _svd(w: torch.Tensor, r: int, niter: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, S, Vh (at least r singular triplets, largest first): exact, or randomized with `niter`."""
+    if niter is None:
+        return torch.linalg.svd(w, full_matrices=False)
+    u, s, v = torch.svd_lowrank(w, q=min(r + 8, *w.shape), niter=niter)
+    return u, s, v.T
 
 
 def residual_weight(weight: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, scale: float) -> torch.Tensor:

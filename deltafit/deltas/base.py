@@ -67,6 +67,9 @@ class Delta:
     supports_packing: ClassVar[bool] = True
     # The run's tokenizer, set by the trainer before attach, for methods that initialize from text.
     tokenizer: Any = None
+    # Set by attach(restoring=True): a state is loaded right after (eval/merge/export reattaching a
+    # checkpoint, --resume), so an initialization that state overwrites may be skipped (PiSSA's SVD).
+    restoring: bool = False
 
     def __init_subclass__(cls, **kwargs):
         """A registered method's facts (mergeable, PEFT type) come from its registry line, the one
@@ -87,13 +90,14 @@ class Delta:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def attach(self, model: nn.Module, head: Iterable[str] = ()) -> None:
+    def attach(self, model: nn.Module, head: Iterable[str] = (), restoring: bool = False) -> None:
         """Freeze the base, insert the delta, and let the task head (e.g. a new classifier) train.
 
         `check_fits` runs first: a size the model cannot use is refused before anything is touched
-        or allocated (on a meta-device model for `validate`, on the real one for `train`)."""
+        or allocated (on a meta-device model for `validate`, on the real one for `train`).
+        `restoring`: the caller loads a state_dict next, which replaces every initial value."""
         self.check_fits(model)
-        self.model = model
+        self.model, self.restoring = model, restoring
         self._grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
         self._attach(model)
@@ -282,6 +286,7 @@ class Insertions:
         self._handles: list[Any] = []
 
     def _register(self, host_name: str, host: nn.Module, child: str, delta: nn.Module) -> None:
+        delta.train(host.training)  # a model attached in eval mode stays in eval mode (no dropout, fixed gates)
         host.add_module(child, delta)
         self.hosts[f"{host_name}.{child}" if host_name else child] = (host, child, delta)
 

@@ -138,7 +138,6 @@ class DiffPruning(Delta):
         for name, linear in find_targets(model, c.target_modules, c.layers).items():
             # out x in, as F.linear takes it, also for a GPT-2 Conv1D (which stores in x out; fold_into knows)
             update = GatedDiff(shape(linear), c.alpha_init, c.temperature, linear.weight.device)
-            update.train(linear.training)  # a model attached in eval mode must not sample gates
             self.insertions.parallel(name, linear, CHILD, update)
 
     def _updates(self) -> dict[str, GatedDiff]:

@@ -166,6 +166,23 @@ def test_fresh_delta_output_vs_base(archs, method, arch):
 
 
 @pytest.mark.parametrize("method,arch", SUPPORTED)
+def test_attached_in_eval_mode_the_delta_is_in_eval_mode(archs, method, arch):
+    """eval, merge, export and generation attach to a model already in eval mode: the modules the
+    delta adds follow it (no dropout, no sampled gates), so two forward passes agree."""
+    spec = archs[arch]
+    options = {**OPTIONS.get(method, {}), **({"dropout": 0.5} if _has_dropout(method) else {})}
+    model, delta = spec.fresh().eval(), deltas.build(validate_delta({"method": method, **options}))
+    delta.attach(model, head=spec.head)
+    perturb(delta)
+    assert not [n for n, m in model.named_modules() if m.training], "modules left in training mode"
+    batch = make_batch(arch)
+    torch.manual_seed(1)
+    first = forward(model, delta, batch)
+    torch.manual_seed(2)
+    assert torch.equal(forward(model, delta, batch), first)
+
+
+@pytest.mark.parametrize("method,arch", SUPPORTED)
 def test_one_step_changes_only_delta_and_head(archs, method, arch):
     model, delta, _, spec = attached(archs, method, arch)
     perturb(delta)

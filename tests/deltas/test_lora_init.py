@@ -132,6 +132,48 @@ def test_checkpoint_reload_is_exact_and_uses_the_stored_factors(llama, monkeypat
     assert all(torch.equal(m.weight, residuals[n]) for n, (m, _) in updates(delta2).items())
 
 
+def test_restoring_attach_skips_the_factorization_and_reloads_exactly(llama, monkeypatch):
+    """eval/merge/export/--resume reattach with restoring=True: no SVD (its result would be
+    overwritten by the stored A0, B0), and the reloaded model is the trained one, bit for bit."""
+    model, delta = attach(llama, init="pissa", target_modules="all-linear")
+    perturb(delta)
+    train_step(model, delta, make_batch("llama"))
+    state = {k: v.clone() for k, v in delta.state_dict().items()}
+    batch = make_batch("llama")
+    trained = forward(model, delta, batch)
+    import deltafit.deltas.lora as lora_module
+
+    def no_svd(*args):
+        raise AssertionError("a restoring attach must not factorize")
+
+    monkeypatch.setattr(lora_module, "base_factors", no_svd)
+    model2, delta2 = llama.fresh(), lora(init="pissa", target_modules="all-linear")
+    delta2.attach(model2, head=llama.head, restoring=True)
+    delta2.load_state_dict(state)
+    assert torch.equal(forward(model2, delta2, batch), trained)
+    delta2.detach()  # and the original weights still come back
+    original = snapshot(llama.pristine)
+    assert all(torch.equal(t, original["tensors"][n]) for n, t in model2.state_dict().items())
+
+
+def test_randomized_svd_starts_at_the_base_near_the_principal_part(llama):
+    originals = dict(llama.pristine.named_modules())
+    model, delta = attach(llama, init="pissa", svd_niter=4, r=3, alpha=12, target_modules="all-linear")
+    batch = make_batch("llama")
+    assert (forward(model, delta, batch) - forward(llama.pristine, None, batch)).abs().max().item() <= TOLERANCE
+    for name, (_, update) in updates(delta).items():
+        w0 = originals[name].weight.double()
+        u, s, vh = torch.linalg.svd(w0, full_matrices=False)
+        best = torch.linalg.norm(w0 - (u[:, :3] * s[:3]) @ vh[:3])  # Eckart-Young: no rank-3 part does better
+        drawn = torch.linalg.norm(w0 - update.delta_weight().double())
+        assert best <= drawn + 1e-6 and drawn <= 1.05 * best, name  # and the randomized one is close
+
+
+def test_svd_niter_needs_pissa():
+    with pytest.raises(Exception, match="svd_niter.*pissa"):
+        lora(init="olora", svd_niter=4)
+
+
 def test_merge_keeps_the_trained_weights(llama):
     model, delta = attach(llama, init="pissa")
     perturb(delta)
