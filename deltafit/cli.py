@@ -138,6 +138,35 @@ def validate(
 
 
 @app.command()
+def schema(
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Write the schema to this JSON file (replacing it) instead of printing it.",
+    ),
+):
+    """Print the recipe JSON Schema (every section and every method's options), e.g. for editor completion."""
+    import json
+
+    from deltafit.fsutil import check_outside_checkpoints, check_writable_dir
+    from deltafit.recipe import recipe_schema
+
+    if output is not None:  # checked first: the schema imports every method (and torch)
+        if output.is_dir() or not str(output).strip():
+            raise UserError(f"--output '{output}' is a directory; give the path of a JSON file to write")
+        check_outside_checkpoints(output)
+        check_writable_dir(output.parent)
+    text = json.dumps(recipe_schema(), indent=2) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"--output '{output}' could not be written ({e.strerror or e})") from None
+    typer.echo(f"wrote the recipe schema to {output}", err=True)
+
+
+@app.command()
 def methods():
     """List the delta methods: name, family, mergeable, description."""
     from deltafit.report import print_methods

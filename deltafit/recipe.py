@@ -10,10 +10,10 @@ This module imports no torch: validating a recipe's shape is instant.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from deltafit.errors import UserError, did_you_mean
 
@@ -75,10 +75,19 @@ class DataSpec(Section):
         None,
         description="For completion data: a prompt column masked out of the loss; the completion is `text_column`."
     )
-    messages_column: str = Field("messages", description="Column of chat messages ([{role, content}, ...]).")
+    messages_column: str = Field(
+        "messages", description="Column of chat conversations: [{role, content}, ...] messages, or ShareGPT "
+        "[{from, value}, ...] turns (from: human, gpt, system; user and assistant also work). Left at 'messages', "
+        "data without that column but with a 'conversations' column (ShareGPT's) is read from 'conversations'."
+    )
     instruction_column: str = Field("instruction", description="Alpaca instruction column.")
     input_column: str = Field("input", description="Alpaca input column (may be empty).")
     output_column: str = Field("output", description="Alpaca output column.")
+    columns: Optional[list[str]] = Field(
+        None, min_length=1, description="Names of the columns of a header-less .csv/.tsv file (e.g. GLUE CoLA: "
+        "[source, label, orig, sentence]): its first line is then data, not a header. Applies to data.train and "
+        "data.eval; any other kind of source refuses it."
+    )
     max_length: int = Field(
         512, ge=8, description="Examples are truncated to this many tokens (the count of truncated ones is reported); "
         "packed rows hold at most this many."
@@ -102,6 +111,17 @@ class DataSpec(Section):
         None, ge=1, description="Use only the first N training rows (after shuffling with the seed).",
     )
     max_eval_examples: Optional[int] = Field(None, ge=1, description="Use only the first N evaluation rows.")
+
+    @field_validator("columns")
+    @classmethod
+    def _column_names(cls, names: Optional[list[str]]) -> Optional[list[str]]:
+        # Each name becomes a column the other data keys refer to: an empty or repeated one could not be.
+        if names is not None and any(not name.strip() for name in names):
+            raise ValueError("every column needs a name (an empty or blank one was given)")
+        if names is not None and len(set(names)) != len(names):
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            raise ValueError(f"column names must be unique ({', '.join(repeated)} repeated)")
+        return names
 
 
 class TrainSpec(Section):
@@ -430,6 +450,44 @@ def _description(model: type[BaseModel], loc: list[str]) -> str:
         required = [name for name, f in section.model_fields.items() if f.is_required()]
         return f"a section with at least: {', '.join(required)}"
     return (field.description or "no default") if field else "no default"
+
+
+# ----------------------------------------------------------------------------------------------
+# JSON Schema (`deltafit schema`)
+
+
+def recipe_schema() -> dict:
+    """The recipe's JSON Schema, for editors (the YAML language server) and other tools.
+
+    `Recipe.delta` is `Any` here because the delta section is validated against its method's own
+    config once the method is known (`validate_delta`). The schema instead states the union of every
+    registered method's config, told apart by `method`. Those configs live beside their methods'
+    torch code, so this imports torch (`deltafit --help` does not: the CLI imports this lazily)."""
+    from deltafit.deltas import METHODS, config_class
+
+    configs = tuple(config_class(name) for name in METHODS)
+    delta = Annotated[Union[configs], Field(discriminator="method")]
+    described = Recipe.model_fields["delta"].description
+    model = create_model("Recipe", __base__=Recipe, delta=(delta, Field(default_factory=dict, description=described)))
+    schema = model.model_json_schema()
+    _method_may_be_omitted_only_for_the_default(schema)
+    # Top-level 'x-' keys hold YAML anchors (recipe_from_dict drops them): allowed, with any value.
+    schema["patternProperties"] = {f"^{EXTENSION_PREFIX}": {}}
+    schema["description"] = ("A deltafit recipe: model, data, delta (one of the registered methods, told apart by "
+                             "`method`; LoRA when left out), train and log.")
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+def _method_may_be_omitted_only_for_the_default(schema: dict) -> None:
+    """A delta section without `method` is the default method's (LoRA's); every other method's
+    branch requires `method`, so such a section matches exactly one branch of the union."""
+    default = DeltaSpec.model_fields["method"].default
+    delta = schema["properties"]["delta"]
+    delta["default"] = {"method": default}
+    for method, ref in delta["discriminator"]["mapping"].items():
+        branch = schema["$defs"][ref.rsplit("/", 1)[-1]]
+        if method != default:
+            branch["required"] = ["method", *[key for key in branch.get("required", []) if key != "method"]]
 
 
 def field_docs(model: type[BaseModel]) -> list[tuple[str, str, str]]:

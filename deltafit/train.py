@@ -526,7 +526,7 @@ def _check_output_dir(output_dir: Path, resume_from: Optional[Path], overwrite: 
 # math or the data order (the saved position counts micro-batches of batch_size). lr, max_steps,
 # epochs, eval and logging may change (e.g. training longer), and so may grad_accum: resuming on
 # another number of processes changes it to keep the examples per optimizer step.
-RESUME_KEYS = ("delta", "model", "data.train", "data.format", "data.max_length", "data.packing",
+RESUME_KEYS = ("delta", "model", "data.train", "data.columns", "data.format", "data.max_length", "data.packing",
                "train.seed", "train.batch_size", "train.mixed_precision")
 
 

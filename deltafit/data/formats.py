@@ -4,8 +4,9 @@ Causal-LM formats (alpaca, chat, completion) are built from segments: (text, tra
 tokenized separately and joined, so the prompt/response boundary is exact in token space (no
 offset mapping or re-tokenizing of prefixes). Prompt segments get label -100 unless
 `data.train_on_inputs`; EOS ends every response (chat responses end with whatever the chat
-template closes an assistant turn with). Classification encodes text (and text pairs) with the
-tokenizer's own special tokens and maps labels to ids (`_label_names_from`).
+template closes an assistant turn with). Chat rows are {role, content} messages or ShareGPT
+{from, value} turns, mapped to the former (`_clean_messages`). Classification encodes text (and
+text pairs) with the tokenizer's own special tokens and maps labels to ids (`_label_names_from`).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def _segments(ds, spec, tokenizer) -> list[list[tuple[str, bool]]]:
         return _alpaca_segments(ds, spec)
     if spec.format == "chat":
         _require_chat_template(tokenizer)
-        return [_chat_segments(tokenizer, messages, spec) for messages in _column(ds, spec.messages_column)]
+        return [_chat_segments(tokenizer, messages, spec) for messages in _conversations(ds, spec)]
     texts = _texts(ds, spec, "text_column")
     if not spec.prompt_column:
         return [[(text, True)] for text in texts]
@@ -125,7 +126,6 @@ def _chat_segments(tokenizer, messages, spec) -> list[tuple[str, bool]]:
     the end of render(turns up to and including it): exactly the text the model must write,
     including the template's end-of-turn marker.
     """
-    messages = _clean_messages(messages, spec)
     whole = _render(tokenizer, messages, False)
     if spec.train_on_inputs:
         return [(whole, True)]
@@ -159,17 +159,63 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
                         f"({type(e).__name__}: {str(e)[:200]}): {str(messages)[:120]}") from None
 
 
-def _clean_messages(messages, spec) -> list[dict]:
+SHAREGPT_COLUMN = "conversations"
+# ShareGPT turns are {from, value}; their speakers as chat-template roles (user/assistant also occur in `from`).
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+
+
+def messages_column(columns, spec) -> str:
+    """The column chat rows are read from: data.messages_column, except that when it is left at its
+    default ('messages') and the data has no such column but has ShareGPT's 'conversations', that one.
+    Compared with the default rather than "was it set": a checkpoint's recipe.yaml writes every key."""
+    default = type(spec).model_fields["messages_column"].default
+    if spec.messages_column == default and default not in columns and SHAREGPT_COLUMN in columns:
+        return SHAREGPT_COLUMN
+    return spec.messages_column
+
+
+def _conversations(ds, spec) -> list[list[dict]]:
+    """Each row's conversation as a list of {role, content, ...} messages."""
+    column = messages_column(ds.column_names, spec)
+    return [_clean_messages(messages, column, lambda i=i: _row(ds, i, spec, column))
+            for i, messages in enumerate(_column(ds, column))]
+
+
+def _clean_messages(messages, column: str, where) -> list[dict]:
+    """One row's conversation as [{role, content, ...}], from OpenAI-style {role, content} messages or
+    ShareGPT {from, value} turns (both may be JSON text in a CSV/TSV cell). `where()` names the row."""
     if isinstance(messages, str):  # CSV/TSV cells can only hold the list as JSON text
         try:
             messages = json.loads(messages)
         except json.JSONDecodeError:
             pass
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-        raise UserError(f"recipe key 'data.messages_column': column '{spec.messages_column}' must hold lists of "
-                        f"{{role, content}} messages, got {str(messages)[:120]}")
     # Arrow gives every message every key seen in the column, with None where it had none.
-    return [{k: v for k, v in m.items() if v is not None} for m in messages]
+    if isinstance(messages, list):
+        messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and _is_turn(m) for m in messages):
+        raise UserError(f"recipe key 'data.messages_column': column '{column}' must hold lists of {{role, content}} "
+                        f"messages or ShareGPT {{from, value}} turns, got {str(messages)[:120]} at {where()}")
+    return [m if "role" in m else _sharegpt_turn(m, i, column, where) for i, m in enumerate(messages)]
+
+
+def _is_turn(message: dict) -> bool:
+    return "role" in message or ("from" in message and "value" in message)
+
+
+def _sharegpt_turn(turn: dict, i: int, column: str, where) -> dict:
+    """{from: human, value: ...} -> {role: user, content: ...}; other keys are kept as they are."""
+    speaker = turn["from"]
+    if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
+        raise UserError(f"recipe key 'data.messages_column': turn {i + 1} of column '{column}' at {where()} has "
+                        f"from {_shown(speaker)}; valid roles: {', '.join(SHAREGPT_ROLES)}"
+                        f"{did_you_mean(str(speaker), SHAREGPT_ROLES)}")
+    rest = {k: v for k, v in turn.items() if k not in ("from", "value")}
+    return {"role": SHAREGPT_ROLES[speaker], "content": turn["value"], **rest}
+
+
+def _row(ds, i: int, spec, column: str) -> str:
+    """Row i for a message; only built when a row is refused (it reads a column)."""
+    return _where(ds, i, spec, column) or f"row {i + 1}"
 
 
 def _column(ds, name: str) -> list:

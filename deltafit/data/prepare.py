@@ -7,7 +7,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from deltafit.data.cache import _cache_key, _read_cache, _write_cache, data_cache_root
-from deltafit.data.formats import _encode_causal, _encode_classification, _encode_split, _label_names_from, _texts
+from deltafit.data.formats import (
+    _conversations,
+    _encode_causal,
+    _encode_classification,
+    _encode_split,
+    _label_names_from,
+    _texts,
+)
 from deltafit.data.packing import (
     _lengths,
     _packing_pays,
@@ -68,12 +75,14 @@ def describe_data(spec) -> dict:
 def _check_text_columns(rows, spec, key: str) -> None:
     if rows is None:
         return
+    if spec.format == "chat":
+        _conversations(rows, spec)  # each row's shape and ShareGPT roles (rendering needs the tokenizer)
     for option in TEXT_OPTIONS[spec.format]:
         if getattr(spec, option, None) and getattr(spec, option) in rows.column_names:
             _texts(rows, spec, option, key)
 
 
-# The columns each format reads as text (chat's messages are checked when rendered).
+# The columns each format reads as text (chat's messages are checked above, and by their template when rendered).
 TEXT_OPTIONS = {"alpaca": ["instruction_column", "input_column", "output_column"], "chat": [],
                 "completion": ["text_column", "prompt_column"],
                 "classification": ["text_column", "text_pair_column"]}

@@ -2,7 +2,9 @@
 
 `load_rows` gives a local file as `ArrowRows` (no `datasets` import: it costs about 0.5 s) and a hub
 dataset or folder as a `datasets.Dataset`; both answer the few calls the rest of the package makes.
-A problem with a file's content is a `UserError` naming the recipe key and the path.
+A problem with a file's content is a `UserError` naming the recipe key and the path. CSV files use
+CSV quoting; TSV files are read literally (GLUE's are unquoted); `data.columns` names the columns
+of a header-less CSV/TSV file.
 """
 
 from __future__ import annotations
@@ -19,18 +21,33 @@ LOCAL_EXTENSIONS = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
 BUILTIN_PREFIX = "builtin:"  # datasets deltafit generates itself (deltafit/tasks.py)
 
 
-def load_rows(source: str, config: Optional[str] = None, split: str = "train", key: str = "data.train"):
-    """Rows of a local file (by extension, as `ArrowRows`) or a hub dataset (`datasets.Dataset`); never empty."""
+def load_rows(source: str, config: Optional[str] = None, split: str = "train", key: str = "data.train",
+              columns: Optional[list[str]] = None):
+    """Rows of a local file (by extension, as `ArrowRows`) or a hub dataset (`datasets.Dataset`); never empty.
+    `columns` (data.columns) names the columns of a header-less CSV/TSV file; any other source refuses it."""
     path = Path(source).expanduser()
+    if columns is not None:
+        _check_headerless(source, path, key)
     if source.startswith(BUILTIN_PREFIX):
         ds = _from_records(load_builtin(source[len(BUILTIN_PREFIX):], key))
     elif _looks_local(source, path):
-        ds = _load_local(path, split, key)
+        ds = _load_local(path, split, key, columns)
     else:
         ds = _load_hub(source, config, split, key)
     if len(ds) == 0:
         raise UserError(f"recipe key '{key}': '{source}' has no rows")
     return ds
+
+
+HEADERLESS_EXTENSIONS = (".csv", ".tsv")  # the files whose columns data.columns can name
+
+
+def _check_headerless(source: str, path: Path, key: str) -> None:
+    # Only a delimited text file has lines that could be a header or data; every other source names
+    # its own columns, so data.columns there is a mistake rather than something to ignore.
+    if path.suffix.lower() not in HEADERLESS_EXTENSIONS or source.startswith(BUILTIN_PREFIX) or path.is_dir():
+        raise UserError(f"recipe key 'data.columns': it names the columns of a header-less .csv/.tsv file, but {key} "
+                        f"'{source}' is not one (its columns come with it); remove data.columns")
 
 
 class _BadFile(Exception):
@@ -44,7 +61,7 @@ def _looks_local(source: str, path: Path) -> bool:
             or source.count("/") > 1 or "\\" in source)
 
 
-def _load_local(path: Path, split: str, key: str):
+def _load_local(path: Path, split: str, key: str, columns: Optional[list[str]] = None):
     if not path.exists():
         raise UserError(f"recipe key '{key}': file '{path}' does not exist (expected a local "
                         f"{'/'.join(LOCAL_EXTENSIONS)} file or a hub dataset name)")
@@ -56,7 +73,7 @@ def _load_local(path: Path, split: str, key: str):
         raise UserError(f"recipe key '{key}': '{path}' has an unsupported extension "
                         f"(use one of {', '.join(LOCAL_EXTENSIONS)})")
     try:
-        rows = reader(path)
+        rows = reader(path, columns) if columns is not None else reader(path)
     except UnicodeDecodeError as e:
         raise UserError(f"recipe key '{key}': file '{path}' is not UTF-8 text "
                         f"(invalid byte at offset {e.start})") from None
@@ -181,7 +198,8 @@ def _mixed_column(records: list[dict], columns) -> str:
     return ""
 
 
-def _read_delimited(path: Path, delimiter: str, quoting: int):
+def _read_delimited(path: Path, delimiter: str, quoting: int, names: Optional[list[str]] = None):
+    """A CSV/TSV file's rows; its first line is the header, unless `names` (data.columns) names the columns."""
     import pyarrow
 
     # The csv module refuses fields over 128 KiB by default (a long document in one cell); no field
@@ -192,7 +210,7 @@ def _read_delimited(path: Path, delimiter: str, quoting: int):
         with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
             try:
-                header, columns, lines = _delimited_rows(reader)
+                header, columns, lines = _delimited_rows(reader, names)
             except csv.Error as e:  # anything else the csv module refuses
                 raise _BadFile(f"line {reader.line_num} cannot be read as {path.suffix[1:].upper()} ({e})") from None
     finally:
@@ -200,25 +218,34 @@ def _read_delimited(path: Path, delimiter: str, quoting: int):
     return ArrowRows(pyarrow.Table.from_pydict(dict(zip(header, columns))), lines, "line")
 
 
-def _delimited_rows(reader) -> tuple[list[str], list[list[str]], list[int]]:
+def _delimited_rows(reader, names: Optional[list[str]] = None) -> tuple[list[str], list[list[str]], list[int]]:
     """(header, one list of values per column, the line each row starts on)."""
-    header = next(reader, None) or []
-    if not header:
-        raise _BadFile("is empty: it has no rows and no header (expected a header line naming the columns, "
-                       "then one row per line)")
-    if len(set(header)) != len(header):
-        raise _BadFile(f"has a repeated column name in its header ({', '.join(header)})")
+    header = list(names) if names is not None else _header(reader)
+    # With data.columns every line is data, and a row of another width means the file is not the layout named.
+    width = (f"data.columns names {len(header)} ({', '.join(header)})" if names is not None
+             else f"the header has {len(header)}")
     columns, lines = [[] for _ in header], []
     start = reader.line_num + 1
     for row in reader:
         if row:  # else a blank line
             if len(row) != len(header):
-                raise _BadFile(f"line {reader.line_num} has {len(row)} fields but the header has {len(header)}")
+                raise _BadFile(f"line {reader.line_num} has {len(row)} fields but {width}")
             for column, value in zip(columns, row):
                 column.append(value)
             lines.append(start)
         start = reader.line_num + 1
     return header, columns, lines
+
+
+def _header(reader) -> list[str]:
+    header = next(reader, None) or []
+    if not header:
+        raise _BadFile("is empty: it has no rows and no header (expected a header line naming the columns, "
+                       "then one row per line)")
+    if len(set(header)) != len(header):
+        raise _BadFile(f"has a repeated column name in its header ({', '.join(header)}); a file without a header "
+                       f"line needs data.columns to name its columns")
+    return header
 
 
 def _read_parquet(path: Path):
@@ -235,8 +262,8 @@ def _read_parquet(path: Path):
 _READERS = {
     ".json": _read_json,
     ".jsonl": _read_json,
-    ".csv": lambda p: _read_delimited(p, ",", csv.QUOTE_MINIMAL),
+    ".csv": lambda p, names=None: _read_delimited(p, ",", csv.QUOTE_MINIMAL, names),
     # GLUE-style TSVs are unquoted and contain stray double quotes: quotes are plain characters.
-    ".tsv": lambda p: _read_delimited(p, "\t", csv.QUOTE_NONE),
+    ".tsv": lambda p, names=None: _read_delimited(p, "\t", csv.QUOTE_NONE, names),
     ".parquet": _read_parquet,
 }

@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from deltafit.data.formats import CAUSAL_FORMATS
+from deltafit.data.formats import CAUSAL_FORMATS, messages_column
 from deltafit.data.sources import LOCAL_EXTENSIONS, load_rows
 from deltafit.errors import UserError, did_you_mean
 
@@ -24,7 +24,7 @@ def _load_splits(spec, seed: int, want_train: bool) -> _Splits:
     _check_eval_options(spec)
     train = None
     if want_train or spec.eval_fraction:
-        train = load_rows(spec.train, spec.config, spec.split, key="data.train")
+        train = load_rows(spec.train, spec.config, spec.split, key="data.train", columns=spec.columns)
         _check_columns(train, spec, "data.train", spec.train)
     evaluation, source, key = _load_eval(spec)
     train, held_out = _select_train(train, spec, seed)
@@ -51,11 +51,11 @@ def _load_eval(spec):
         # data.eval names a whole dataset: its split is eval_split, else 'train' (a file's only split).
         split = spec.eval_split or "train"
         config = spec.config if spec.eval == spec.train else None
-        rows = load_rows(spec.eval, config, split, key="data.eval")
+        rows = load_rows(spec.eval, config, split, key="data.eval", columns=spec.columns)
         _check_columns(rows, spec, "data.eval", spec.eval)
         return rows, f"{spec.eval} (split {split})", "data.eval"
     if spec.eval_split:
-        rows = load_rows(spec.train, spec.config, spec.eval_split, key="data.eval_split")
+        rows = load_rows(spec.train, spec.config, spec.eval_split, key="data.eval_split", columns=spec.columns)
         _check_columns(rows, spec, "data.eval_split", f"{spec.train} split {spec.eval_split}")
         return rows, f"{spec.train} (split {spec.eval_split})", "data.eval_split"
     return None, "none", "data.eval"
@@ -96,6 +96,8 @@ def _required_columns(spec) -> list[tuple[str, str]]:
 def _check_columns(ds, spec, key: str, source: str) -> None:
     available = list(ds.column_names)
     for recipe_key, column in _required_columns(spec):
+        if recipe_key == "data.messages_column":
+            column = messages_column(available, spec)  # the default also finds ShareGPT's 'conversations'
         if column not in available:
             raise UserError(f"recipe key '{recipe_key}': column '{column}' is not in {key} '{source}'"
                             f"{did_you_mean(column, available)}; available columns: {', '.join(available)}")
