@@ -300,9 +300,10 @@ def _save_trainer_state(directory: Path, state: dict) -> None:
     """Optimizer/scheduler/RNG state as safetensors + JSON (no pickle, like the delta itself)."""
     directory.mkdir()
     tensors, plain = _split_tensors(state["optimizer"], "optimizer")
-    method_tensors, method_plain = _split_tensors(state.get("method", {}), "method")
-    tensors.update(method_tensors)
-    plain.update(method_plain)
+    for part in ("method", "selection"):  # the method's schedule; early stopping and the best delta (train.py)
+        part_tensors, part_plain = _split_tensors(state.get(part, {}), part)
+        tensors.update(part_tensors)
+        plain.update(part_plain)
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -328,7 +329,8 @@ def load_trainer_state(directory: Path) -> dict:
     version, state, gauss = plain["python_rng"]
     random.setstate((version, tuple(state), gauss))
     return {"optimizer": _join_tensors(plain["optimizer"], tensors), "scheduler": plain["scheduler"],
-            "progress": plain["progress"], "method": _join_tensors(plain.get("method", {}), tensors)}
+            "progress": plain["progress"], "method": _join_tensors(plain.get("method", {}), tensors),
+            "selection": _join_tensors(plain.get("selection"), tensors)}
 
 
 def _check_trainer_state(directory: Path, tensors: dict, plain: Any) -> None:

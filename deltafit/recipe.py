@@ -124,6 +124,28 @@ class DataSpec(Section):
         return names
 
 
+# The metrics periodic evaluation logs, as metrics.jsonl names them (evaluate_loop's keys with an 'eval_'
+# prefix), per task, each with the direction that is better. tests/test_early_stopping.py checks them
+# against what evaluation returns.
+EVAL_METRICS = {"causal-lm": {"eval_loss": "min", "eval_perplexity": "min"},
+                "seq-cls": {"eval_accuracy": "max", "eval_f1": "max", "eval_matthews_correlation": "max"}}
+EvalMetric = Literal[tuple(name for metrics in EVAL_METRICS.values() for name in metrics)]
+
+
+class EarlyStopping(Section):
+    """train.early_stopping: end training once the evaluated metric stops improving."""
+
+    metric: Optional[EvalMetric] = Field(
+        None, description="Evaluation metric to watch, as metrics.jsonl names it: eval_loss or eval_perplexity "
+        "(causal-lm); eval_accuracy, eval_f1 or eval_matthews_correlation (seq-cls). Default: the task's first.")
+    mode: Optional[Literal["min", "max"]] = Field(
+        None, description="Which way is better, 'min' or 'max'. Optional: each metric's direction is known (min: "
+        "loss, perplexity; max: the others), and a mode that contradicts it is refused.")
+    patience: int = Field(3, ge=1, description="Stop after this many evaluations in a row without improvement.")
+    min_delta: float = Field(
+        0.0, ge=0, description="An evaluation improves only by beating the best so far by more than this.")
+
+
 class TrainSpec(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
@@ -147,6 +169,16 @@ class TrainSpec(Section):
         "no", description="Autocast precision of the forward/backward pass.",
     )
     eval_every: Optional[int] = Field(None, ge=1, description="Evaluate every N steps (and always at the end).")
+    early_stopping: Optional[EarlyStopping] = Field(
+        None, description="Stop training when periodic evaluation (train.eval_every) stops improving: {metric, mode, "
+        "patience, min_delta}, e.g. {metric: eval_loss, patience: 3}; the final checkpoint is written as usual. "
+        "Null: off.")
+    keep_best: bool = Field(
+        False, description="The final checkpoint holds the best evaluated delta (train.best_metric), not the last; "
+        "its deltafit.json says which step and value. Needs train.eval_every.")
+    best_metric: Optional[EvalMetric] = Field(
+        None, description="Metric keep_best chooses by (its direction is known). Default: train.early_stopping's "
+        "metric when set, else the task's first (eval_loss, eval_accuracy).")
     save_every: Optional[int] = Field(None, ge=1, description="Write a resumable checkpoint every N steps.")
     keep_last: int = Field(2, ge=1, description="Step checkpoints kept on disk.")
     log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
@@ -154,6 +186,27 @@ class TrainSpec(Section):
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="A NaN/inf loss or gradient: 'stop' the run with a message naming the step (the last "
         "checkpoint stays intact), or 'skip' that optimizer step and go on (each skip is logged).")
+
+    @field_validator("early_stopping", mode="before")
+    @classmethod
+    def _known_keys(cls, raw: Any) -> Any:
+        # The generic unknown-key message cannot list the keys of an optional sub-section: say them here.
+        keys = EarlyStopping.model_fields
+        if raw is not None and not isinstance(raw, dict):
+            raise ValueError(f"must be a mapping of {', '.join(keys)} (e.g. {{patience: 3}}), or null for off")
+        unknown = [key for key in raw or {} if key not in keys]
+        if unknown:
+            hint = did_you_mean(unknown[0], keys)
+            raise ValueError(f"unknown key '{unknown[0]}'{hint}; valid keys: {', '.join(keys)}")
+        return raw
+
+    @field_validator("early_stopping", "keep_best")
+    @classmethod
+    def _needs_evaluation(cls, value: Any, info) -> Any:
+        # Both choose among periodic evaluations (the final one alone leaves nothing to choose from).
+        if value and not info.data.get("eval_every"):
+            raise ValueError("needs periodic evaluation: set train.eval_every (evaluate every N steps)")
+        return value
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -10,7 +10,7 @@ Hooks, for benchmarks and tests (`TrainHooks`, every callback optional, each get
 
     before_forward(run, batch)        each micro-batch, before its forward pass
     after_forward(run, batch, loss)   each micro-batch, after it (the loss tensor backward will use)
-    during_save(run, tmp_dir)         each checkpoint (step and final), while it is written: every
+    during_save(run, tmp_dir)         each checkpoint (step, best and final), while it is written: every
                                       file is in the temporary directory `tmp_dir`, the metadata
                                       that marks it complete is not yet
 
@@ -43,6 +43,7 @@ from deltafit.fsutil import check_outside_checkpoints
 from deltafit.limits import check_recipe_fits
 from deltafit.metrics import MetricsLog
 from deltafit.model import build_model, load_config, load_tokenizer
+from deltafit.recipe import EVAL_METRICS
 from deltafit.recompute import RecomputedActivations
 
 NO_DECAY = ("bias", "norm", "ln_", "layernorm")
@@ -59,6 +60,74 @@ class Progress:
     batches_in_epoch: int = 0
     tokens: int = 0
     skipped_steps: int = 0
+
+
+@dataclass
+class Watch:
+    """One evaluated metric followed across the run: its best value, that value's step, and how many
+    evaluations since have not beaten it by more than `min_delta`."""
+
+    metric: str  # as metrics.jsonl names it (eval_loss...)
+    mode: str  # 'min' or 'max'
+    min_delta: float = 0.0
+    patience: Optional[int] = None  # early stopping: stop after this many evaluations without improvement
+    best: Optional[float] = None
+    best_step: int = 0
+    stale: int = 0
+
+    def update(self, value: float, step: int) -> bool:
+        """Count one evaluation; True when it is the new best. A NaN never is (nothing would beat it)."""
+        if self.best is None:
+            gain = math.inf
+        else:
+            gain = self.best - value if self.mode == "min" else value - self.best
+        if math.isfinite(value) and gain > self.min_delta:
+            self.best, self.best_step, self.stale = value, step, 0
+            return True
+        self.stale += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.patience is not None and self.stale >= self.patience
+
+    def state(self) -> dict:
+        return {"metric": self.metric, "best": self.best, "best_step": self.best_step, "stale": self.stale}
+
+    def restore(self, state: Optional[dict]) -> None:
+        # A watch of another metric (the recipe changed on resume) starts afresh: its values do not compare.
+        if state and state.get("metric") == self.metric:
+            self.best, self.best_step, self.stale = state["best"], state["best_step"], state["stale"]
+
+
+@dataclass
+class Selection:
+    """What periodic evaluation decides: early stopping (train.early_stopping) and the best delta
+    (train.keep_best). Saved in step checkpoints, the best delta's tensors included, so a resumed run
+    decides exactly as an uninterrupted one, whatever the best/ directory holds by then."""
+
+    stopping: Optional[Watch] = None
+    keeping: Optional[Watch] = None
+    best_tensors: Optional[dict] = None  # CPU copy of the delta at keeping.best_step
+    best_epoch: int = 0
+
+    @property
+    def exhausted(self) -> bool:
+        """Early stopping's patience ran out: training ends at this step."""
+        return self.stopping is not None and self.stopping.exhausted
+
+    def state(self) -> dict:
+        return {"stopping": self.stopping and self.stopping.state(), "keeping": self.keeping and self.keeping.state(),
+                "best_tensors": self.best_tensors, "best_epoch": self.best_epoch}
+
+    def restore(self, state: Optional[dict]) -> None:
+        state = state or {}
+        if self.stopping:
+            self.stopping.restore(state.get("stopping"))
+        if self.keeping:
+            self.keeping.restore(state.get("keeping"))
+            if (state.get("keeping") or {}).get("metric") == self.keeping.metric:
+                self.best_tensors, self.best_epoch = state.get("best_tensors"), state.get("best_epoch", 0)
 
 
 def _nothing(*args) -> None:
@@ -106,6 +175,7 @@ class Run:
     output_dir: Path
     label_names: Optional[list[str]]
     hooks: TrainHooks = field(default_factory=TrainHooks)
+    selection: Selection = field(default_factory=Selection)
 
 
 def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
@@ -124,6 +194,7 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
     output_dir = Path(output_dir or recipe.resolved_output_dir())
     t = recipe.train
     _check_trackers(recipe.log.trackers)
+    selection = _selection(recipe)  # before any data or weights load
     tune_glibc()  # under glibc's malloc, large tensors get their own mmap (a no-op under tcmalloc: allocator.py)
     # 1. Accelerate: precision, accumulation and (when launched so) several processes.
     _forget_single_process_state()
@@ -138,8 +209,10 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
     _check_output_dir(output_dir, resume_from, overwrite)
     if overwrite and resume_from is None and accelerator.is_main_process:
         # The earlier run's step checkpoints would outnumber and outlive this run's (pruning and
-        # --resume go by step number); its final checkpoint stays until this run's replaces it.
+        # --resume go by step number), and its best/ would pass for this run's; its final checkpoint
+        # stays until this run's replaces it.
         shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(output_dir / BEST, ignore_errors=True)
     if resume_from is not None and not allow_changes:
         _check_unchanged(resume_from, recipe)
     if _sharded(accelerator) and (resume_from or t.save_every):
@@ -160,6 +233,8 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
         why = (f" ({dropped} dropped: nothing left to learn after truncation to data.max_length="
                f"{recipe.data.max_length} tokens; raise data.max_length)") if dropped else ""
         raise UserError(f"data.train: '{recipe.data.train}' gave no training examples{why}")
+    if (t.early_stopping or t.keep_best) and not data.eval:
+        raise UserError(f"recipe key '{_selection_key(t)}': the evaluation data gave no examples to evaluate on")
     check_recipe_fits(recipe, load_config(recipe.model), data.label_names)  # before any weights load
     # 3. Base model + delta; everything but the delta (and a fresh task head) is frozen.
     model, tokenizer, head = build_model(recipe.model, label_names=data.label_names, tokenizer=tokenizer)
@@ -189,18 +264,22 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
         eval_loader = accelerator.prepare(eval_loader)
     progress = Progress()
     if resume_from is not None:
-        progress = _restore(resume_from, delta, optimizer, scheduler, accelerator)
+        progress = _restore(resume_from, delta, optimizer, scheduler, accelerator, selection)
     log = MetricsLog(output_dir, accelerator, recipe, total_steps, start_step=progress.step)
     log.announce(delta, data.stats, total_steps, resume_from)
     hooks = hooks or (_installed_hooks[-1] if _installed_hooks else TrainHooks())
     run = Run(recipe, accelerator, model, delta, optimizer, scheduler, data.train, collate, eval_loader, progress,
-              total_steps, log, output_dir, data.label_names, hooks)
+              total_steps, log, output_dir, data.label_names, hooks, selection)
     # 5. The loop, then the final delta-only checkpoint (written once, by the main process) before
     # the final evaluation: whatever that evaluation meets (an unwritable cache...), the delta is saved.
+    # A run stopped early evaluated its last step already. With keep_best, final/ then becomes the best.
     try:
         _loop(run)
         final = _save(run, output_dir / "final", with_state=False)
-        _maybe_eval(run)
+        if not selection.exhausted:
+            _maybe_eval(run)
+        if selection.keeping:
+            final = _final_best(run, final)
     finally:
         log.close()
     log.done(final)
@@ -213,7 +292,8 @@ def _loop(run: Run) -> None:
     recomputed = RecomputedActivations().attach(model)
     model.train()
     with GracefulStop() as stop:
-        while progress.step < run.total_steps:
+        # A run resumed from the checkpoint of the step early stopping ended at trains no further.
+        while progress.step < run.total_steps and not run.selection.exhausted:
             for batch in _epoch_loader(run):
                 with accelerator.accumulate(model):
                     run.hooks.before_forward(run, batch)
@@ -244,8 +324,12 @@ def _loop(run: Run) -> None:
                 if progress.step >= run.total_steps:
                     return  # the last evaluation follows the final checkpoint (fit)
                 _maybe_eval(run)
+                if run.selection.exhausted:
+                    _stopped_early(run)  # logged before the step checkpoint that records the decision
                 if t.save_every and progress.step % t.save_every == 0:
                     _save_step(run)
+                if run.selection.exhausted:
+                    return
                 if stop_requested:
                     raise _interrupted(run, stop.signum)
             progress.epoch += 1
@@ -362,6 +446,101 @@ def _maybe_eval(run: Run) -> None:
     results = evaluate_loop(run.model, run.delta, run.eval_loader, run.recipe.model.task, run.accelerator)
     run.model.train()
     run.log.eval(step, results)
+    _select(run, results)
+
+
+# ----------------------------------------------------------------------------------------------
+# Early stopping and the best delta (train.early_stopping, train.keep_best)
+
+BEST = "best"  # <output>/best: the best delta so far, while a keep_best run trains
+
+
+def _selection(recipe) -> Selection:
+    """The watches train.early_stopping and train.keep_best ask for. The recipe checked that periodic
+    evaluation is on; here the data must hold evaluation rows and the metric be one this task logs."""
+    t, task, data = recipe.train, recipe.model.task, recipe.data
+    if not (t.early_stopping or t.keep_best):
+        return Selection()
+    if not (data.eval or data.eval_split or data.eval_fraction):
+        raise UserError(f"recipe key '{_selection_key(t)}' needs evaluation data: set data.eval, data.eval_split or "
+                        f"data.eval_fraction")
+    stopping = keeping = None
+    if t.early_stopping:
+        es = t.early_stopping
+        stopping = _watch(task, es.metric, es.mode, "train.early_stopping.metric", min_delta=es.min_delta,
+                          patience=es.patience)
+    if t.keep_best:
+        metric = t.best_metric or (stopping.metric if stopping else None)
+        keeping = _watch(task, metric, None, "train.best_metric (for train.keep_best)")
+    return Selection(stopping, keeping)
+
+
+def _selection_key(t) -> str:
+    return "train.early_stopping" if t.early_stopping else "train.keep_best"
+
+
+def _watch(task: str, metric: Optional[str], mode: Optional[str], key: str, **options) -> Watch:
+    valid = EVAL_METRICS[task]
+    metric = metric or next(iter(valid))
+    if metric not in valid:
+        raise UserError(f"recipe key '{key}': {metric} is not evaluated for model.task {task}; valid: "
+                        f"{', '.join(valid)}")
+    if mode not in (None, valid[metric]):
+        raise UserError(f"recipe key 'train.early_stopping.mode': {metric} is better when it is "
+                        f"{'lower' if valid[metric] == 'min' else 'higher'} (mode {valid[metric]}), not {mode}; "
+                        f"leave mode out")
+    return Watch(metric, valid[metric], **options)
+
+
+def _select(run: Run, results: dict) -> None:
+    """Count one evaluation for early stopping and keep_best. Every process sees the same (reduced)
+    results, so all take the same decisions (copying the best delta is a collective under FSDP)."""
+    selection, step = run.selection, run.progress.step
+    value = lambda watch: float(results[watch.metric.removeprefix("eval_")])
+    if selection.stopping:
+        selection.stopping.update(value(selection.stopping), step)
+    if selection.keeping and selection.keeping.update(value(selection.keeping), step):
+        tensors = _delta_tensors(run.accelerator, run.model, run.delta, final=True)
+        # A copy: state_dict tensors are views of parameters that go on training.
+        selection.best_tensors = {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+        selection.best_epoch = run.progress.epoch
+        # On disk too: a run killed before its end leaves its best delta in best/.
+        _write_checkpoint(run, run.output_dir / BEST, selection.best_tensors, _best_meta(run))
+
+
+def _best_meta(run: Run) -> dict:
+    """Metadata of the best delta: its own step and epoch, and what made it the best."""
+    selection, watch = run.selection, run.selection.keeping
+    meta = checkpoint.metadata(run.recipe, run.delta, run.label_names, watch.best_step, selection.best_epoch)
+    return {**meta, "best": {"metric": watch.metric, "value": watch.best, "mode": watch.mode, "step": watch.best_step,
+                             "trained_steps": run.progress.step}}
+
+
+def _final_best(run: Run, last: Path) -> Path:
+    """final/ becomes the best evaluated delta (it held the last); best/ is then redundant."""
+    selection, watch = run.selection, run.selection.keeping
+    if selection.best_tensors is None:  # every evaluation was NaN
+        run.log.warn(f"train.keep_best: no finite {watch.metric} was evaluated; {last} holds the last delta")
+        return last
+    final = _write_checkpoint(run, last, selection.best_tensors, _best_meta(run))
+    run.log.warn(f"train.keep_best: {final} holds the best delta, {watch.metric} {watch.best:.6g} at step "
+                 f"{watch.best_step} (of {run.progress.step})")
+    if run.accelerator.is_main_process:
+        shutil.rmtree(run.output_dir / BEST, ignore_errors=True)
+    return final
+
+
+def _stopped_early(run: Run) -> None:
+    """Say why training ends here, in the terminal and in metrics.jsonl."""
+    watch, step = run.selection.stopping, run.progress.step
+    best = "none finite" if watch.best is None else f"best {watch.best:.6g} at step {watch.best_step}"
+    run.log.warn(f"early stopping at step {step} of {run.total_steps}: {watch.metric} did not improve by more than "
+                 f"{watch.min_delta:g} in {watch.stale} evaluations ({best}; train.early_stopping.patience="
+                 f"{watch.patience})")
+    if run.accelerator.is_main_process:
+        run.log._write({"step": step, "early_stopping": "stopped", "metric": watch.metric, "best": watch.best,
+                        "best_step": watch.best_step, "evaluations_without_improvement": watch.stale,
+                        "patience": watch.patience})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,14 +579,20 @@ def _save(run: Run, directory: Path, with_state: bool) -> Path:
     """A checkpoint of the delta (+ trainer state for a step checkpoint); every process calls this."""
     accelerator, delta, progress = run.accelerator, run.delta, run.progress
     tensors = _delta_tensors(accelerator, run.model, delta, final=not with_state)  # every process takes part
+    meta = checkpoint.metadata(run.recipe, delta, run.label_names, progress.step, progress.epoch)
+    state = None
+    if with_state and accelerator.is_main_process and not _sharded(accelerator):
+        state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                 "progress": progress.__dict__, "method": delta.schedule_state(), "selection": run.selection.state()}
+    return _write_checkpoint(run, directory, tensors, meta, state)
+
+
+def _write_checkpoint(run: Run, directory: Path, tensors: dict, meta: dict, state: Optional[dict] = None) -> Path:
+    """Write a checkpoint from the main process; every process calls this and learns whether it failed."""
+    accelerator = run.accelerator
     accelerator.wait_for_everyone()
     failure = None
     if accelerator.is_main_process:
-        meta = checkpoint.metadata(run.recipe, delta, run.label_names, progress.step, progress.epoch)
-        state = None
-        if with_state and not _sharded(accelerator):
-            state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                     "progress": progress.__dict__, "method": delta.schedule_state()}
         try:
             checkpoint.save(directory, meta, tensors, run.recipe.to_dict(), state,
                             before_metadata=lambda tmp: run.hooks.during_save(run, tmp))
@@ -459,13 +644,14 @@ def _saved_labels(resume_from: Optional[Path]):
     return checkpoint.read_meta(resume_from).get("label_names") if resume_from else None
 
 
-def _restore(directory: Path, delta, optimizer, scheduler, accelerator) -> Progress:
+def _restore(directory: Path, delta, optimizer, scheduler, accelerator, selection: Selection) -> Progress:
     _, tensors = checkpoint.load(directory)
     delta.load_state_dict(tensors)
     state = checkpoint.load_trainer_state(directory)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     delta.load_schedule_state(state["method"])
+    selection.restore(state["selection"])
     accelerator.print(f"resumed from {directory} at step {state['progress']['step']}")
     return Progress(**state["progress"])
 
@@ -499,11 +685,14 @@ def _check_trackers(trackers) -> None:
 
 def _check_space(output_dir: Path, delta, t) -> None:
     """Refuse to start a run whose checkpoints cannot fit: better now than after hours of training.
-    Counts the final checkpoint plus keep_last step checkpoints (+1 being written), with 10% slack."""
+    Counts the final checkpoint plus keep_last step checkpoints (+1 being written), with 10% slack;
+    keep_best adds best/ and a copy of the best delta in each step checkpoint."""
 
     tensors = delta.state_dict()
     steps = (t.keep_last + 1) if t.save_every else 0
-    needed = int(1.1 * (checkpoint.estimated_bytes(tensors, False) + steps * checkpoint.estimated_bytes(tensors, True)))
+    one = checkpoint.estimated_bytes(tensors, False)
+    per_step = checkpoint.estimated_bytes(tensors, True) + (one if t.keep_best else 0)
+    needed = int(1.1 * (one * (2 if t.keep_best else 1) + steps * per_step))
     free = shutil.disk_usage(output_dir).free
     if free < needed:
         raise UserError(f"--output '{output_dir}': {free / 2**20:.0f} MiB free, the checkpoints need about "
@@ -515,7 +704,8 @@ def _check_output_dir(output_dir: Path, resume_from: Optional[Path], overwrite: 
     check_outside_checkpoints(output_dir)
     if resume_from is not None or overwrite:
         return
-    earlier = [p for p in (output_dir / "final", checkpoint.latest_step_checkpoint(output_dir / "checkpoints"))
+    earlier = [p for p in (output_dir / "final", checkpoint.latest_step_checkpoint(output_dir / "checkpoints"),
+                           output_dir / BEST)
                if p is not None and (p / checkpoint.META).is_file()]
     if earlier:
         raise UserError(f"--output '{output_dir}' already holds a trained run ({earlier[0]}); continue it with "
