@@ -90,6 +90,51 @@ def eval_(
 
 
 @app.command()
+def generate(
+    checkpoint: Path = typer.Argument(
+        ..., help="Checkpoint directory (or a run directory: its final checkpoint), PEFT adapter, or merged model.",
+    ),
+    prompt: Optional[List[str]] = typer.Option(
+        None, "--prompt", "-p", help="Text to answer (repeatable), rendered as training rendered prompts; the tokens "
+        "print as they are generated.",
+    ),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="Data file in the checkpoint's format: answer every row (batched) and write "
+        "{prompt, reference, prediction} JSON lines.",
+    ),
+    output: Optional[str] = typer.Option(
+        None, "--output", "-o", help="JSON lines file for --data (default: beside the checkpoint, "
+        "<checkpoint>-generate[-base].jsonl).",
+    ),
+    chat: bool = typer.Option(
+        False, "--chat", help="Chat on the terminal with the chat template: one user line per turn, the conversation "
+        "kept; an empty line or end of input ends it.",
+    ),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Most tokens generated per answer."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy (default); above 0: sample."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Sampling draws from the most likely tokens up to this "
+                                "probability mass (0 < P <= 1)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling: the same seed, the same output."),
+    base: bool = typer.Option(False, "--base", help="Generate with the untouched base model (before/after)."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Rows per batch with --data (default: the recipe's train.batch_size).",
+    ),
+    format_: Optional[str] = typer.Option(
+        None, "--format", help="Render prompts as alpaca, chat or completion (default: the checkpoint's data.format; "
+        "completion for a merged model).",
+    ),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help=BASE_MODEL_HELP),
+):
+    """Generate text with a causal-LM checkpoint: for --prompt texts, every row of --data, or a --chat."""
+    from deltafit.generate import Settings, run
+
+    settings = Settings(max_new_tokens, temperature, top_p, seed)
+    written = run(str(checkpoint), settings, prompt, data, output, chat, base, batch_size, base_model, format_)
+    if written is not None:
+        typer.echo(f"wrote {written[1]} predictions to {written[0]}", err=True)
+
+
+@app.command()
 def merge(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory (or PEFT adapter) of a mergeable method."),
     output: Path = typer.Option(..., "--output", "-o", help="New directory for the merged transformers model."),
