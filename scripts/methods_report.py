@@ -10,6 +10,8 @@ For each method (and each variant in VARIANTS, e.g. LoRA with PiSSA init), in it
   `eval` (held-out loss), where the method merges `merge` (max abs difference of merged vs
   unmerged logits, fp32), and where it has a PEFT format `export`, loaded back with
   `peft.PeftModel.from_pretrained` (max abs difference of PEFT's logits vs deltafit's, fp32).
+  A method whose recipe is for BERT (layernorm, bitfit) runs on LoRA's SmolLM2 recipe with its
+  own delta section, or is reported n/a with the reason where the model cannot take it.
 - MiniLM on GLUE SST-2: recipes/glue-sst2-minilm-lora.yaml with the delta section taken from the
   method's recipe (its module names dropped: the per-architecture defaults apply on BERT), a
   short run, dev accuracy.
@@ -117,6 +119,7 @@ def parse_args():
 
 
 def worker(job: dict) -> dict:
+    from deltafit.errors import UserError
     from deltafit.recipe import apply_override, load_recipe, recipe_from_dict
 
     method, variant = VARIANTS.get(job["method"], (job["method"], []))
@@ -124,10 +127,11 @@ def worker(job: dict) -> dict:
     sets = [*variant, *_schedule(method, steps), *job["sets"]]
     lr_scale = _pop_lr_scale(sets)
     own = load_recipe(ROOT / "recipes" / f"{method}.yaml").model_dump(mode="json")
-    if job["workload"] == "smollm2" and own["model"]["task"] != "causal-lm":
-        return {"skipped": f"recipes/{method}.yaml is a {own['model']['task']} recipe"}  # BitFit: Llama has no biases
     if job["workload"] == "smollm2":
         raw = own
+        if own["model"]["task"] != "causal-lm":  # a BERT recipe (layernorm, bitfit): LoRA's SmolLM2 recipe, its delta
+            raw = load_recipe(ROOT / "recipes" / "lora.yaml").model_dump(mode="json")
+            raw.update(delta={k: v for k, v in own["delta"].items() if k not in MODULE_KEYS})
         for item in [*job["data_sets"], "data.format=alpaca", "data.eval_fraction=0.05", "data.max_length=128",
                      f"train.max_steps={steps}", "train.epochs=1", "train.batch_size=4", "train.grad_accum=1",
                      "train.eval_every=null", "train.save_every=null", "log.progress=false",
@@ -145,7 +149,18 @@ def worker(job: dict) -> dict:
     for item in sets:
         apply_override(raw, item)
     recipe = recipe_from_dict(raw, source=raw["name"])
+    try:
+        check_method_fits(recipe)
+    except UserError as e:  # e.g. BitFit on Llama, which has no biases: a fact to report, not a failure
+        return {"skipped": str(e)}
     return run(recipe, Path(job["out"]), check_peft=job["workload"] == "smollm2")
+
+
+def check_method_fits(recipe) -> None:
+    """Refuse (UserError) a method the model cannot take, before any training: `deltafit validate`'s check."""
+    from deltafit.plan import make_plan
+
+    make_plan(recipe)
 
 
 def _schedule(method: str, steps: int) -> list[str]:
