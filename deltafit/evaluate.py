@@ -17,7 +17,7 @@ import torch
 
 from deltafit.data.sources import LOCAL_EXTENSIONS
 from deltafit.errors import UserError
-from deltafit.fsutil import check_outside_checkpoints, check_writable_dir
+from deltafit.fsutil import beside_checkpoint
 
 
 def evaluate_loop(model, delta, loader, task: str, accelerator=None) -> dict:
@@ -105,7 +105,7 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, split: Optional[s
     from deltafit.model import build_model, load_tokenizer
 
     directory, meta, tensors = load_source(path, base_model)
-    out = _results_path(directory, output, base)
+    out = beside_checkpoint(directory, output, "eval", ".json", base)
     recipe = source_recipe(directory, meta)
     spec = _eval_data_spec(recipe.data, data, split)
     with about_checkpoint(directory):
@@ -124,17 +124,6 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, split: Optional[s
                **evaluate_loop(model, delta, loader, meta["task"])}
     out.write_text(json.dumps(results, indent=2))
     return results, out
-
-
-def _results_path(directory: Path, output: Optional[str], base: bool) -> Path:
-    """Where the scores go: --output, else beside the checkpoint (`<checkpoint>-eval[-base].json`),
-    never inside it. Checked before any work."""
-    out = Path(output) if output else directory.with_name(f"{directory.name}-eval{'-base' if base else ''}.json")
-    if out.is_dir() or str(output).strip() in ("", "."):
-        raise UserError(f"--output '{output}' is a directory; give the path of a JSON file to write")
-    check_outside_checkpoints(out)
-    check_writable_dir(out.parent)
-    return out
 
 
 def _eval_data_spec(data_spec, data: Optional[str], split: Optional[str]):

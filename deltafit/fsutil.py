@@ -122,3 +122,15 @@ def check_outside_checkpoints(out: Path, option: str = "--output") -> None:
         if marker is not None:
             raise UserError(f"{option} '{out}' is inside the checkpoint '{folder}' (it holds {marker}); commands never "
                             f"write into a checkpoint: choose a path outside it")
+
+
+def beside_checkpoint(directory: Path, output: Optional[str], what: str, suffix: str, base: bool,
+                      kind: str = "JSON") -> Path:
+    """Where a command's results go: --output, else beside the checkpoint
+    (`<checkpoint>-<what>[-base]<suffix>`), never inside it. Checked before any work."""
+    out = Path(output) if output else directory.with_name(f"{directory.name}-{what}{'-base' if base else ''}{suffix}")
+    if out.is_dir() or str(output).strip() in ("", "."):
+        raise UserError(f"--output '{output}' is a directory; give the path of a {kind} file to write")
+    check_outside_checkpoints(out)
+    check_writable_dir(out.parent)
+    return out

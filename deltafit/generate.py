@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from deltafit.errors import UserError
-from deltafit.fsutil import CHECKPOINT_MARKERS, check_outside_checkpoints, check_writable_dir
+from deltafit.fsutil import CHECKPOINT_MARKERS, beside_checkpoint
 
 PROMPT_FORMATS = ("alpaca", "chat", "completion")
 
@@ -126,18 +126,6 @@ def _require_causal(source: Source) -> None:
     if source.meta["task"] != "causal-lm":
         raise UserError(f"checkpoint '{source.directory}' is a {source.meta['task']} (classification) model; "
                         f"generate needs a causal-lm one (score classifiers with `deltafit eval`)")
-
-
-def output_path(source: Source, output: Optional[str], base: bool) -> Path:
-    """Where --data predictions go: --output, else beside the checkpoint (`<checkpoint>-generate[-base].jsonl`),
-    never inside it. Checked before any weights load."""
-    directory = source.directory
-    out = Path(output) if output else directory.with_name(f"{directory.name}-generate{'-base' if base else ''}.jsonl")
-    if out.is_dir() or str(output).strip() in ("", "."):
-        raise UserError(f"--output '{output}' is a directory; give the path of a JSON lines file to write")
-    check_outside_checkpoints(out)
-    check_writable_dir(out.parent)
-    return out
 
 
 @dataclass
@@ -369,7 +357,7 @@ def run(checkpoint: str, settings: Settings, prompts: Optional[list[str]] = None
     settings.check()
     check_request(prompts or [], data, chat, output, batch_size, prompt_format)
     source = open_source(checkpoint, base_model)
-    out = output_path(source, output, base) if data else None
+    out = beside_checkpoint(source.directory, output, "generate", ".jsonl", base, "JSON lines") if data else None
     tokenizer = load_tokenizer(source)
     # The file's rows are read and checked before any weights load: a bad row costs nothing.
     rows = data_rows(tokenizer, prompt_spec(source, prompt_format), data) if data else None
