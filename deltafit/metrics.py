@@ -91,6 +91,12 @@ class MetricsLog:
         shown = "  ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float))
         (self.bar.console if self.bar else console).print(f"step {step} eval: {shown}")
 
+    def event(self, message: str, record: dict) -> None:
+        """Something that changes the run (early stopping): a line in the terminal and a record in metrics.jsonl."""
+        self.warn(message)
+        if self.main:
+            self._write(record)
+
     def close(self) -> None:
         if self.bar:
             self.bar.stop()

@@ -94,10 +94,13 @@ class Watch:
     def state(self) -> dict:
         return {"metric": self.metric, "best": self.best, "best_step": self.best_step, "stale": self.stale}
 
-    def restore(self, state: Optional[dict]) -> None:
-        # A watch of another metric (the recipe changed on resume) starts afresh: its values do not compare.
-        if state and state.get("metric") == self.metric:
-            self.best, self.best_step, self.stale = state["best"], state["best_step"], state["stale"]
+    def restore(self, state: Optional[dict]) -> bool:
+        """Take the saved state; False (starting afresh) for a watch of another metric (the recipe
+        changed on resume): its values do not compare."""
+        if not state or state.get("metric") != self.metric:
+            return False
+        self.best, self.best_step, self.stale = state["best"], state["best_step"], state["stale"]
+        return True
 
 
 @dataclass
@@ -124,10 +127,8 @@ class Selection:
         state = state or {}
         if self.stopping:
             self.stopping.restore(state.get("stopping"))
-        if self.keeping:
-            self.keeping.restore(state.get("keeping"))
-            if (state.get("keeping") or {}).get("metric") == self.keeping.metric:
-                self.best_tensors, self.best_epoch = state.get("best_tensors"), state.get("best_epoch", 0)
+        if self.keeping and self.keeping.restore(state.get("keeping")):
+            self.best_tensors, self.best_epoch = state.get("best_tensors"), state.get("best_epoch", 0)
 
 
 def _nothing(*args) -> None:
@@ -534,13 +535,12 @@ def _stopped_early(run: Run) -> None:
     """Say why training ends here, in the terminal and in metrics.jsonl."""
     watch, step = run.selection.stopping, run.progress.step
     best = "none finite" if watch.best is None else f"best {watch.best:.6g} at step {watch.best_step}"
-    run.log.warn(f"early stopping at step {step} of {run.total_steps}: {watch.metric} did not improve by more than "
-                 f"{watch.min_delta:g} in {watch.stale} evaluations ({best}; train.early_stopping.patience="
-                 f"{watch.patience})")
-    if run.accelerator.is_main_process:
-        run.log._write({"step": step, "early_stopping": "stopped", "metric": watch.metric, "best": watch.best,
-                        "best_step": watch.best_step, "evaluations_without_improvement": watch.stale,
-                        "patience": watch.patience})
+    run.log.event(f"early stopping at step {step} of {run.total_steps}: {watch.metric} did not improve by more than "
+                  f"{watch.min_delta:g} in {watch.stale} evaluations ({best}; train.early_stopping.patience="
+                  f"{watch.patience})",
+                  {"step": step, "early_stopping": "stopped", "metric": watch.metric, "best": watch.best,
+                   "best_step": watch.best_step, "evaluations_without_improvement": watch.stale,
+                   "patience": watch.patience})
 
 
 # ----------------------------------------------------------------------------------------------
