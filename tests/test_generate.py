@@ -11,7 +11,6 @@ import json
 import pytest
 import torch
 
-from deltafit import checkpoint, deltas
 from deltafit.data.formats import ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, _encode_causal
 from deltafit.data.sources import load_rows
 from deltafit.errors import UserError
@@ -25,9 +24,9 @@ from deltafit.generate import (
     open_source,
     render_prompt,
 )
-from deltafit.model import build_model, load_tokenizer
+from deltafit.model import load_tokenizer
 from deltafit.recipe import recipe_from_dict
-from tests.deltas.delta_testkit import perturb, quiet_transformers
+from tests.deltas.delta_testkit import saved_checkpoint
 from tests.helpers import assert_one_clean_line, run_cli
 
 METHODS = {
@@ -41,17 +40,7 @@ PROMPTS = ["Add 2 and 3.", "What is the capital of France? Tell me in a few word
 
 def save_checkpoint(directory, model_dir, delta: dict, data_format: str = "alpaca", task: str = "causal-lm"):
     """A deltafit checkpoint of a freshly attached delta, perturbed so that it changes the output."""
-    quiet_transformers()
-    data = {"train": "unused.json", "format": "classification" if task == "seq-cls" else data_format}
-    recipe = recipe_from_dict({"model": {"name": str(model_dir), "task": task}, "data": data, "delta": delta,
-                               "train": {"batch_size": 2}})
-    model, _, head = build_model(recipe.model, num_labels=2 if task == "seq-cls" else None)
-    torch.manual_seed(0)
-    attached = deltas.build(recipe.delta)
-    attached.attach(model, head=head)
-    perturb(attached, scale=0.5)
-    meta = checkpoint.metadata(recipe, attached, None, step=1, epoch=0.0)
-    return checkpoint.save(directory, meta, attached.state_dict(), recipe.to_dict())
+    return saved_checkpoint(directory, model_dir, delta, task, data_format, scale=0.5, train={"batch_size": 2})[0]
 
 
 @pytest.fixture(scope="module")

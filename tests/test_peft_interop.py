@@ -17,13 +17,12 @@ import json
 import pytest
 import torch
 
-from deltafit import checkpoint, deltas
+from deltafit import deltas
 from deltafit.errors import UserError
 from deltafit.loading import attach_from_checkpoint, load_source, source_recipe
 from deltafit.model import build_model
 from deltafit.peft_io import export_checkpoint
-from deltafit.recipe import recipe_from_dict
-from tests.deltas.delta_testkit import make_batch, perturb, quiet_transformers
+from tests.deltas.delta_testkit import make_batch, quiet_transformers, saved_checkpoint
 from tests.helpers import run_cli, write_recipe
 
 TOLERANCE = 1e-5  # fp32 on CPU; observed differences are ~1e-7 (summation order)
@@ -33,17 +32,7 @@ peft = pytest.importorskip("peft")  # a test dependency (pyproject's [test] extr
 
 def save_checkpoint(tmp_path, model_dir, task: str, delta: dict):
     """A deltafit checkpoint of a freshly attached, perturbed delta; returns (dir, model, delta)."""
-    quiet_transformers()
-    data = {"train": "unused.tsv", "format": "classification" if task == "seq-cls" else "alpaca"}
-    recipe = recipe_from_dict({"model": {"name": str(model_dir), "task": task}, "data": data, "delta": delta})
-    model, _, head = build_model(recipe.model, num_labels=2 if task == "seq-cls" else None)
-    torch.manual_seed(0)
-    attached = deltas.build(recipe.delta)
-    attached.attach(model, head=head)
-    perturb(attached, scale=0.2)
-    meta = checkpoint.metadata(recipe, attached, None, step=1, epoch=0.0)
-    directory = checkpoint.save(tmp_path / "ckpt", meta, attached.state_dict(), recipe.to_dict())
-    return directory, model.eval(), attached
+    return saved_checkpoint(tmp_path / "ckpt", model_dir, delta, task=task)
 
 
 def peft_model(model_dir, task: str, adapter):

@@ -136,3 +136,24 @@ def block_of(name: str):
         if part in ("layers", "layer") and parts[i + 1].isdigit():
             return int(parts[i + 1])
     return None
+
+
+def saved_checkpoint(directory, model_dir, delta: dict, task: str = "causal-lm", data_format: str = "alpaca",
+                     scale: float = 0.2, train: dict | None = None):
+    """(checkpoint dir, model, delta): a deltafit checkpoint of a freshly attached delta, perturbed by
+    `scale` so that it changes the output, as `deltafit train` would write it."""
+    from deltafit import checkpoint, deltas
+    from deltafit.model import build_model
+    from deltafit.recipe import recipe_from_dict
+
+    quiet_transformers()
+    data = {"train": "unused.json", "format": "classification" if task == "seq-cls" else data_format}
+    recipe = recipe_from_dict({"model": {"name": str(model_dir), "task": task}, "data": data, "delta": delta,
+                               "train": train or {}})
+    model, _, head = build_model(recipe.model, num_labels=2 if task == "seq-cls" else None)
+    torch.manual_seed(0)
+    attached = deltas.build(recipe.delta)
+    attached.attach(model, head=head)
+    perturb(attached, scale=scale)
+    meta = checkpoint.metadata(recipe, attached, None, step=1, epoch=0.0)
+    return checkpoint.save(directory, meta, attached.state_dict(), recipe.to_dict()), model.eval(), attached
