@@ -31,6 +31,11 @@ mmap threshold. The reference starts with the C library's malloc, as its users r
 `--reference-malloc deltafit` gives it tcmalloc too, to show how much of a difference is the
 allocator. The `malloc` column says what each run had.
 
+Distance to the limit: at start the parent measures this machine's matmul peak (GFLOP/s of a large
+matmul, best of several, fp32 and bf16; on a GPU a larger one), and every run reports the GFLOP/s its
+training steps achieved (model FLOPs: see `model_flops_per_token`) and that as a share of the peak of
+its precision.
+
 Peak RSS is the process's ru_maxrss (model loading included; training dominates). On a GPU the
 peak CUDA memory (torch.cuda.max_memory_allocated) is reported too.
 
@@ -204,12 +209,20 @@ class StepClock:
     """Start time, real tokens and padded tokens of every training step."""
 
     def __init__(self):
-        self.starts, self.real, self.padded, self.losses = [], [], [], []
+        self.starts, self.real, self.padded, self.losses, self.flops = [], [], [], [], []
+        self.model = None  # set by the runner: the model whose FLOPs are counted
 
     def mark(self, batch) -> None:
         self.starts.append(time.perf_counter())
         self.real.append(real_tokens(batch))
         self.padded.append(batch["input_ids"].numel())
+        rows, length = batch["input_ids"].shape
+        self.flops.append(rows * length * model_flops_per_token(self.model, length) if self.model is not None else 0)
+
+    def flops_per_s(self, warmup: int, steps: int) -> float:
+        """Model FLOPs of the timed steps per second (0 when the model was not given)."""
+        seconds = self.starts[warmup + steps] - self.starts[warmup]
+        return sum(self.flops[warmup:warmup + steps]) / seconds
 
     def summary(self, warmup: int, steps: int) -> dict:
         if len(self.starts) < warmup + steps + 1:
@@ -219,6 +232,26 @@ class StepClock:
         return {"steps": steps, "seconds": seconds, "s_per_step": seconds / steps,
                 "real_tokens_per_s": real / seconds, "padded_tokens_per_s": padded / seconds,
                 "real_fraction": real / padded, "final_loss": self.losses[warmup + steps - 1]}
+
+
+def model_flops_per_token(model, length: int) -> float:
+    """Training FLOPs per (padded) token: every linear layer's weight matrix W (in x out) costs 2 W
+    forward and 2 W backward for the input gradient, plus 2 W for the weight gradient when W trains;
+    attention's score and value products cost 4 L s d forward (s: the row length, d: the width),
+    3x that with the backward. Embedding lookups, norms and elementwise work are not counted (as in
+    the usual MFU convention), so this is a lower bound on the work done."""
+    import torch
+
+    flops, width, layers = 0.0, 0, 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            size = module.in_features * module.out_features
+            flops += (6 if module.weight.requires_grad else 4) * size
+    config = getattr(model, "config", None)
+    if config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        width, layers = getattr(text, "hidden_size", 0), getattr(text, "num_hidden_layers", 0)
+    return flops + 3 * 4 * layers * length * width
 
 
 def real_tokens(batch) -> int:
@@ -240,6 +273,7 @@ def worker(job: Job) -> dict:
     started = time.perf_counter()
     trainable = (run_reference if job.system == "reference" else run_deltafit)(job, clock)
     result = clock.summary(job.warmup, job.steps)
+    result["gflops"] = clock.flops_per_s(job.warmup, job.steps) / 1e9
     result.update(trainable_params=trainable, peak_rss_gb=_peak_rss_gb(), wall_s=time.perf_counter() - started,
                   torch_threads=torch.get_num_threads(), malloc=describe())
     if result.get("steps"):
@@ -256,6 +290,7 @@ def run_deltafit(job: Job, clock: StepClock) -> int:
     counted = {}
 
     def before_forward(run, batch):
+        clock.model = clock.model or run.delta.model
         clock.mark(batch)
         counted.setdefault("trainable", sum(p.numel() for p in run.delta.trainable_parameters().values()))
 
@@ -324,6 +359,7 @@ def run_reference(job: Job, clock: StepClock) -> int:
             return SequentialSampler(self.train_dataset)
 
         def training_step(self, model, inputs, *args, **kwargs):
+            clock.model = clock.model or model
             clock.mark(inputs)
             loss = super().training_step(model, inputs, *args, **kwargs)
             clock.losses.append(float(loss))
@@ -378,7 +414,8 @@ def _peak_rss_gb() -> float:
 METRICS = (("real_tokens_per_s", "real tok/s", "{:,.0f}"), ("padded_tokens_per_s", "padded tok/s", "{:,.0f}"),
            ("examples_per_s", "examples/s", "{:,.1f}"), ("s_per_step", "s/step", "{:.3f}"),
            ("peak_rss_gb", "peak RSS GiB", "{:.2f}"), ("peak_cuda_gb", "peak CUDA GiB", "{:.2f}"),
-           ("trainable_params", "trainable", "{:,.0f}"), ("final_loss", "final loss", "{:.4f}"))
+           ("trainable_params", "trainable", "{:,.0f}"), ("final_loss", "final loss", "{:.4f}"),
+           ("gflops", "GFLOP/s", "{:,.0f}"), ("peak_share", "% of peak", "{:.1%}"))
 RATIOS = (("real_tokens_per_s", "real tok/s"), ("s_per_step", "s/step"), ("peak_rss_gb", "peak RSS"),
           ("peak_cuda_gb", "peak CUDA"))
 
@@ -416,6 +453,10 @@ def markdown(summary: dict, scaling: dict | None, meta: dict) -> str:
     present = [m for m in METRICS if any(m[0] in row for row in summary["table"])]
     lines = [f"Measured {meta['date']} on {meta['machine']} with `{meta['command']}` "
              f"({meta['pairs']} interleaved pair(s) per workload, {meta['warmup']} warm-up step(s) excluded).", "",
+             "Matmul peak measured at the start of that run: "
+             + ", ".join(f"{name} {value:,.0f} GFLOP/s" for name, value in meta.get("peak_gflops", {}).items())
+             + "; `GFLOP/s` is what each run's training steps achieved (model FLOPs: linear layers and "
+             "attention products), `% of peak` its share of the peak of its precision.", "",
              "| workload | system | malloc | " + " | ".join(name for _, name, _ in present) + " |",
              "| --- | --- | --- | " + " | ".join("---:" for _ in present) + " |"]
     for row in summary["table"]:
@@ -456,6 +497,41 @@ def write_readme(text: str, readme: Path = README) -> None:
     if start < 0 or end < start:
         raise SystemExit(f"{readme}: no {BEGIN} ... {END} region to write the table into")
     readme.write_text(content[:start + len(BEGIN)] + "\n" + text + content[end:], encoding="utf-8")
+
+
+def matmul_peak(dtype_name: str, repeats: int = 10) -> float:
+    """GFLOP/s of the best of `repeats` large matmuls in this dtype, with torch's default threads: what
+    this machine's matrix units deliver at best, the yardstick for the runs' achieved GFLOP/s. The CPU
+    shape is SmolLM2's MLP (2048 tokens x 576 @ 576 x 1536); a GPU gets 8192^3 to fill it."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    cuda = torch.cuda.is_available()
+    m, k, n = (8192, 8192, 8192) if cuda else (2048, 576, 1536)
+    device = "cuda" if cuda else "cpu"
+    a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+    best = float("inf")
+    for _ in range(repeats + 2):  # the first two warm up (thread pool, kernels, caches)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n / best / 1e9
+
+
+def precision(result: dict) -> str:
+    """The matmul dtype a run trained in: bfloat16 when its overrides asked for bf16 mixed precision."""
+    sets = result["job"].get("sets", [])
+    return "bfloat16" if any(item.replace(" ", "") == "train.mixed_precision=bf16" for item in sets) else "float32"
+
+
+def add_peak_share(results: list[dict], peaks: dict) -> None:
+    for r in results:
+        if "error" not in r and r.get("gflops"):
+            r["peak_share"] = r["gflops"] / peaks[precision(r)]
 
 
 def machine() -> str:
@@ -540,15 +616,21 @@ def main(argv=None) -> int:
         print(args.llm_source.line, file=sys.stderr)
     if "minilm-sst2" in args.workloads:
         print(args.cls_source.line, file=sys.stderr)
+    peaks = {name: matmul_peak(name) for name in ("float32", "bfloat16")}
+    print("matmul peak on this machine: " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in peaks.items()),
+          file=sys.stderr)
     results = run_groups(plan(args), args.pairs, args.timeout)
+    add_peak_share(results, peaks)
     scaling_results = None
     if not args.no_scaling:
         with tempfile.TemporaryDirectory() as tmp:
             long_data = long_rows_file(args.llm_source, Path(tmp), rows=8 * (args.scaling_steps + 3),
                                        chars=6 * max(args.lengths))
             scaling_results = run_groups(scaling_plan(args, long_data), 1, args.timeout)
+            add_peak_share(scaling_results, peaks)
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
-            "command": command.strip(), "pairs": args.pairs, "warmup": args.warmup, "lengths": args.lengths}
+            "command": command.strip(), "pairs": args.pairs, "warmup": args.warmup, "lengths": args.lengths,
+            "peak_gflops": peaks}
     summary = summarize(results)
     scaling = summarize(scaling_results) if scaling_results is not None else None
     text = markdown(summary, scaling, meta)

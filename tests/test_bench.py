@@ -52,10 +52,37 @@ def test_quick_bench_runs_both_systems_and_writes_tables(tmp_path, tiny_llama, a
         pytest.approx(runs["reference"]["real_tokens_per_s"] / runs["reference"]["padded_tokens_per_s"])
     metrics = {r["metric"] for r in results["summary"]["ratios"]}
     assert {"real_tokens_per_s", "peak_rss_gb", "s_per_step"} <= metrics
+    # The distance to the limit: a measured matmul peak per precision, and each run's share of it.
+    # Same model and same batches: the same FLOPs per step on both sides (the base's linear layers
+    # dominate; the adapters' own FLOPs differ only by how each side builds them), so GFLOP/s
+    # and tokens/s move together.
+    peaks = results["meta"]["peak_gflops"]
+    assert set(peaks) == {"float32", "bfloat16"} and all(v > 0 for v in peaks.values())
+    for run in runs.values():
+        assert run["gflops"] > 0 and run["peak_share"] == pytest.approx(run["gflops"] / peaks["float32"])
+    flops_per_token = [run["gflops"] / run["padded_tokens_per_s"] for run in runs.values()]
+    assert flops_per_token[0] == pytest.approx(flops_per_token[1], rel=0.05)
     text = readme.read_text()
+    assert "Matmul peak measured" in text and "% of peak" in text
     assert text.startswith("intro\n<!-- bench:begin -->\n") and text.endswith("<!-- bench:end -->\nrest\n")
     assert "old table" not in text and "| smollm2-qv | reference |" in text
     assert (out / "results.md").read_text() in text
+
+
+def test_model_flops_per_token_counts_linear_layers_and_attention():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench import model_flops_per_token
+
+    model = _tiny_causal_lm()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attention = 3 * 4 * 2 * 16 * 32  # 3 x (fwd score + value products) x layers x length x width
+    assert model_flops_per_token(model, 16) == 4 * linear + attention
+    model.lm_head.weight.requires_grad_(True)  # a trained weight adds its gradient's 2 W
+    assert model_flops_per_token(model, 16) == 4 * linear + 2 * 300 * 32 + attention
 
 
 # ----------------------------------------------------------------------------------------------
