@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install test test-slow test-all bench lint quickstart clean
+.PHONY: install test test-slow test-all bench lint quickstart clean gpu-check
 
 install:
 	python3 -m venv $(VENV)
@@ -18,7 +18,7 @@ install:
 	-$(PY) -m deltafit.allocator
 
 test:
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not cuda"
 
 test-slow:
 	$(PY) -m pytest -q -m slow
@@ -27,7 +27,11 @@ lint:
 	$(PY) -m ruff check .
 
 test-all:
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not cuda"
+
+# On a machine with a CUDA GPU: the cuda-marked tests and a bf16 bench on a ~1B model (one line without a GPU).
+gpu-check:
+	PY=$(PY) scripts/gpu_check.sh
 
 bench:
 	$(PY) scripts/bench.py

@@ -93,6 +93,7 @@ class Job:
     sets: list = field(default_factory=list)  # deltafit recipe overrides (a.b=value)
     text_column: str = "text"
     preload: bool = False  # start with the malloc `deltafit train` preloads (deltafit/allocator.py)
+    precision: str = "fp32"  # "bf16": deltafit's train.mixed_precision bf16, the reference's bf16=True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,15 +111,22 @@ def plan(args) -> list[list[Job]]:
         "smollm2-qv": dict(llm, targets=["q_proj", "v_proj"]),
         "smollm2-all-linear": dict(llm, targets="all-linear"),
         "minilm-sst2": cls,
+        # deltafit alone: the reference would need bitsandbytes' CUDA kernels, which PEFT's QLoRA uses.
+        "qlora-qv": dict(llm, targets=["q_proj", "v_proj"]),
     }
     groups = []
     for name in args.workloads:
-        spec = workloads[name]
-        group = [Job("deltafit", name, **spec, sets=_same_batching(args), preload=True),
-                 Job("reference", name, **spec, preload=args.reference_malloc == "deltafit")]
-        if spec["task"] == "causal-lm" and args.packing:
-            group.append(Job("deltafit-defaults", name, **spec, sets=list(args.set), preload=True))
-        groups.append(group)
+        for precision in args.precisions:
+            spec, label = dict(workloads[name], precision=precision), name + ("" if precision == "fp32" else " bf16")
+            if name == "qlora-qv":
+                groups.append([Job("deltafit", label, **spec, sets=_same_batching(args) + ["delta.method=qlora"],
+                                   preload=True)])
+                continue
+            group = [Job("deltafit", label, **spec, sets=_same_batching(args), preload=True),
+                     Job("reference", label, **spec, preload=args.reference_malloc == "deltafit")]
+            if spec["task"] == "causal-lm" and args.packing:
+                group.append(Job("deltafit-defaults", label, **spec, sets=list(args.set), preload=True))
+            groups.append(group)
     return groups
 
 
@@ -316,7 +324,7 @@ def _recipe(job: Job, out: str) -> dict:
                       "dropout": job.dropout},
             "train": {"max_steps": job.warmup + job.steps + 1, "batch_size": job.batch_size, "lr": job.lr,
                       "scheduler": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "seed": job.seed,
-                      "log_every": 1},
+                      "log_every": 1, "mixed_precision": "bf16" if job.precision == "bf16" else "no"},
             "log": {"progress": False}}
 
 
@@ -371,7 +379,7 @@ def run_reference(job: Job, clock: StepClock) -> int:
                                  lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                                  seed=job.seed, logging_steps=1, save_strategy="no", report_to="none",
                                  dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
-                                 use_cpu=not torch.cuda.is_available())
+                                 use_cpu=not torch.cuda.is_available(), bf16=job.precision == "bf16")
         InOrder(model=model, args=args, train_dataset=rows, data_collator=collator).train()
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -523,9 +531,8 @@ def matmul_peak(dtype_name: str, repeats: int = 10) -> float:
 
 
 def precision(result: dict) -> str:
-    """The matmul dtype a run trained in: bfloat16 when its overrides asked for bf16 mixed precision."""
-    sets = result["job"].get("sets", [])
-    return "bfloat16" if any(item.replace(" ", "") == "train.mixed_precision=bf16" for item in sets) else "float32"
+    """The matmul dtype a run trained in."""
+    return "bfloat16" if result["job"].get("precision") == "bf16" else "float32"
 
 
 def add_peak_share(results: list[dict], peaks: dict) -> None:
@@ -555,6 +562,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, help="untimed steps first (default 2; quick 1)")
     p.add_argument("--workloads", type=lambda s: s.split(","),
                    help="comma list of smollm2-qv, smollm2-all-linear, minilm-sst2")
+    p.add_argument("--precisions", type=lambda s: s.split(","),
+                   help="comma list of fp32, bf16: each workload runs in each (default both; quick: fp32)")
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")],
                    help="scaling table lengths (default 128,256,512,1024)")
     p.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
@@ -587,6 +596,9 @@ def parse_args(argv=None):
     args.workloads = args.workloads or (["smollm2-qv", "minilm-sst2"] if quick else
                                         ["smollm2-qv", "smollm2-all-linear", "minilm-sst2"])
     args.lengths = args.lengths or list(SCALING_LENGTHS)
+    args.precisions = args.precisions or (["fp32"] if quick else ["fp32", "bf16"])
+    if not set(args.precisions) <= {"fp32", "bf16"}:
+        p.error(f"--precisions {','.join(args.precisions)}: give fp32, bf16 or both (comma-separated)")
     args.no_scaling = args.no_scaling or quick
     args.packing_key = _packing_available()
     args.packing = args.packing_key if args.packing == "auto" else args.packing == "on"

@@ -69,9 +69,28 @@ def test_quick_bench_runs_both_systems_and_writes_tables(tmp_path, tiny_llama, a
     assert (out / "results.md").read_text() in text
 
 
-def test_model_flops_per_token_counts_linear_layers_and_attention():
-    import sys
+def test_plan_runs_each_workload_in_each_precision_and_qlora_alone(tmp_path, alpaca_file):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench import parse_args, plan
 
+    args = parse_args(["--workloads", "smollm2-qv,qlora-qv", "--precisions", "fp32,bf16", "--packing", "off",
+                       "--llm-data", str(alpaca_file), "--cls-data", str(alpaca_file)])
+    groups = {group[0].label: group for group in plan(args)}
+    assert set(groups) == {"smollm2-qv", "smollm2-qv bf16", "qlora-qv", "qlora-qv bf16"}
+    assert [(j.system, j.precision) for j in groups["smollm2-qv bf16"]] == [("deltafit", "bf16"), ("reference", "bf16")]
+    assert [j.system for j in groups["qlora-qv"]] == ["deltafit"] and "delta.method=qlora" in groups["qlora-qv"][0].sets
+    with pytest.raises(SystemExit):
+        parse_args(["--precisions", "fp16", "--llm-data", str(alpaca_file), "--cls-data", str(alpaca_file)])
+
+
+def test_gpu_check_without_a_gpu_says_so_in_one_line():
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PY": sys.executable, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.count("\n") == 1 and "no CUDA GPU" in proc.stdout
+
+
+def test_model_flops_per_token_counts_linear_layers_and_attention():
     sys.path.insert(0, str(ROOT / "scripts"))
     from bench import model_flops_per_token
 
