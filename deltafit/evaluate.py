@@ -1,7 +1,14 @@
-"""Scoring: loss/perplexity for causal LMs; accuracy, F1 and Matthews correlation for classifiers.
+"""Scoring: loss/perplexity for causal LMs; accuracy, F1 and Matthews correlation for classifiers;
+with `--generate`, scores of a causal LM's greedy answers.
 
 `evaluate_checkpoint(path)` needs only a checkpoint path: the base model, task, method, labels
-and data come from the checkpoint's own metadata and recipe.
+and data come from the checkpoint's own metadata and recipe (a merged model records no data: --data).
+
+Generation scores (`metric_modules/generation.py`, loaded offline like the classification one) sit
+beside the loss under gen_* keys: gen_exact_match, gen_rougeL (ROUGE-L F, 0-1), gen_bleu (sacreBLEU,
+0-100), gen_json_valid / gen_json_exact / gen_json_fields (shares, 0-1), and gen_examples, the
+distinct prompts answered: rows sharing a prompt are answered once and scored against all their
+references. The answers go to `<results>-predictions.jsonl` ({prompt, references, prediction}).
 """
 
 from __future__ import annotations
@@ -9,14 +16,16 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from deltafit.data.formats import CAUSAL_FORMATS
 from deltafit.data.sources import LOCAL_EXTENSIONS
-from deltafit.errors import UserError
+from deltafit.errors import UserError, did_you_mean
 from deltafit.fsutil import beside_checkpoint
 
 
@@ -57,14 +66,14 @@ def _score_cls(model, prepare, loader, accelerator) -> dict:
             pred, ref = accelerator.gather_for_metrics((pred, ref))
         predictions += pred.tolist()
         references += ref.tolist()
-    scores = classification_metric().compute(predictions=predictions, references=references,
-                                             num_labels=model.config.num_labels)
+    scores = metric_module("classification").compute(predictions=predictions, references=references,
+                                                     num_labels=model.config.num_labels)
     return {**scores, "examples": len(references)}
 
 
-@lru_cache(maxsize=1)
-def classification_metric():
-    """The `evaluate` metric module shipped in deltafit (loads offline, by path).
+@lru_cache(maxsize=None)
+def metric_module(name: str):
+    """The `evaluate` metric module `deltafit/metric_modules/<name>.py` (loads offline, by path).
 
     `evaluate` copies the module into its modules cache (under HF_HOME) before importing it; where
     that cannot be written (a read-only or missing HOME) a temporary folder serves, so scoring never
@@ -76,10 +85,10 @@ def classification_metric():
 
     import deltafit.metric_modules as modules
 
-    for name in ("HF_MODULES_CACHE", "HF_METRICS_CACHE"):
-        if not _can_create(Path(getattr(evaluate.config, name))):
-            setattr(evaluate.config, name, Path(tempfile.mkdtemp(prefix=f"deltafit-{name.lower()}-")))
-    return evaluate.load(str(Path(modules.__path__[0]) / "classification.py"), keep_in_memory=True,
+    for folder in ("HF_MODULES_CACHE", "HF_METRICS_CACHE"):
+        if not _can_create(Path(getattr(evaluate.config, folder))):
+            setattr(evaluate.config, folder, Path(tempfile.mkdtemp(prefix=f"deltafit-{folder.lower()}-")))
+    return evaluate.load(str(Path(modules.__path__[0]) / f"{name}.py"), keep_in_memory=True,
                          cache_dir=str(evaluate.config.HF_METRICS_CACHE))
 
 
@@ -94,19 +103,49 @@ def _can_create(folder: Path) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class GenerationRequest:
+    """`deltafit eval --generate`: greedy answers to the eval prompts, scored against the references.
+    `metrics` None picks the default: exact_match, rouge, bleu, and json when every reference is a
+    JSON object or array. `max_examples` caps the rows answered (None: all of them)."""
+
+    metrics: Optional[tuple[str, ...]] = None
+    max_new_tokens: int = 128
+    max_examples: Optional[int] = None
+
+    def check(self) -> None:
+        from deltafit.metric_modules import GENERATION_METRICS
+
+        unknown = [m for m in self.metrics or () if m not in GENERATION_METRICS]
+        if unknown or self.metrics == ():
+            hint = did_you_mean(unknown[0], GENERATION_METRICS) if unknown else ""
+            raise UserError(f"--metrics '{','.join(self.metrics or ())}'{hint}: give a comma list of "
+                            f"{', '.join(GENERATION_METRICS)}")
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens {self.max_new_tokens}: give at least 1")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise UserError(f"--max-examples {self.max_examples}: give at least 1 (or leave it out for every row)")
+
+
 def evaluate_checkpoint(path: str, data: Optional[str] = None, split: Optional[str] = None, base: bool = False,
                         batch_size: Optional[int] = None, output: Optional[str] = None,
-                        base_model: Optional[str] = None) -> tuple[dict, Path]:
-    """Score a checkpoint (or, with base=True, its untouched base model) on held-out data."""
+                        base_model: Optional[str] = None, generation: Optional[GenerationRequest] = None,
+                        data_format: Optional[str] = None) -> tuple[dict, Path]:
+    """Score a checkpoint, PEFT adapter or merged model (or, with base=True, the untouched base model)
+    on held-out data; with `generation`, also score its greedy answers (predictions written beside
+    the results, `<results>-predictions.jsonl`)."""
     from torch.utils.data import DataLoader
 
     from deltafit.data import make_collator, prepare_data
     from deltafit.loading import about_checkpoint, attach_from_checkpoint, load_source, source_recipe
     from deltafit.model import build_model, load_tokenizer
 
-    directory, meta, tensors = load_source(path, base_model)
+    if generation is not None:
+        generation.check()
+    directory, meta, tensors = load_source(path, base_model, merged=True)
+    _check_source(directory, meta, data, base, generation)
     out = beside_checkpoint(directory, output, "eval", ".json", base)
-    recipe = source_recipe(directory, meta)
+    recipe = _with_format(source_recipe(directory, meta), data_format)
     spec = _eval_data_spec(recipe.data, data, split)
     with about_checkpoint(directory):
         tokenizer = load_tokenizer(recipe.model)
@@ -114,16 +153,49 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, split: Optional[s
                             label_names=meta.get("label_names"), want_train=False)
     if not prepared.eval:
         raise UserError(f"no evaluation examples in '{spec.eval or spec.train}'")
+    # Rows, references and metric packages are checked before any weights load: a mistake costs nothing.
+    plan = _generation_plan(generation, tokenizer, spec, recipe.train.seed) if generation else None
     with about_checkpoint(directory):
         model, tokenizer, _ = build_model(recipe.model, label_names=meta.get("label_names"), tokenizer=tokenizer)
-        delta = None if base else attach_from_checkpoint(model, meta, tensors)
-    loader = DataLoader(prepared.eval, batch_size=batch_size or recipe.train.batch_size,
-                        collate_fn=make_collator(tokenizer.pad_token_id, meta["task"]))
+        delta = None if base or tensors is None else attach_from_checkpoint(model, meta, tensors)
+    batch_size = batch_size or recipe.train.batch_size
+    loader = DataLoader(prepared.eval, batch_size=batch_size, collate_fn=make_collator(tokenizer.pad_token_id,
+                                                                                       meta["task"]))
     results = {"checkpoint": str(directory), "model": "base" if base else meta["method"],
                "data": spec.eval or spec.train, "split": spec.eval_split,
                **evaluate_loop(model, delta, loader, meta["task"])}
+    if plan is not None:
+        results.update(_generation_scores(plan, (model, tokenizer, delta), spec, batch_size, _predictions_path(out)))
     out.write_text(json.dumps(results, indent=2))
     return results, out
+
+
+def _check_source(directory: Path, meta: dict, data: Optional[str], base: bool,
+                  generation: Optional[GenerationRequest]) -> None:
+    from deltafit.loading import MERGED
+
+    if meta["method"] == MERGED and not data:
+        raise UserError(f"'{directory}' is a merged model, which records no data: pass --data FILE_OR_DATASET "
+                        f"(and --format alpaca|chat|completion unless it is raw text)")
+    if meta["method"] == MERGED and base:
+        raise UserError(f"--base: '{directory}' is a merged model, with no separate base to compare with")
+    if generation is not None and meta["task"] != "causal-lm":
+        raise UserError(f"--generate: '{directory}' is a {meta['task']} (classification) model; --generate needs a "
+                        f"causal-lm one (leave --generate out for accuracy, F1 and MCC)")
+
+
+def _with_format(recipe, data_format: Optional[str]):
+    """The recipe with --format as its data format (a merged model records none: completion)."""
+    if data_format is None:
+        return recipe
+    if data_format not in CAUSAL_FORMATS + ("classification",):
+        raise UserError(f"--format '{data_format}' is not one of {', '.join(CAUSAL_FORMATS + ('classification',))}")
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"format": data_format})})
+
+
+def _predictions_path(results: Path) -> Path:
+    """Beside the results JSON: `<checkpoint>-eval-predictions.jsonl` for `<checkpoint>-eval.json`."""
+    return results.with_name(f"{results.stem}-predictions.jsonl")
 
 
 def _eval_data_spec(data_spec, data: Optional[str], split: Optional[str]):
@@ -141,3 +213,88 @@ def _eval_data_spec(data_spec, data: Optional[str], split: Optional[str]):
     if not (spec.eval or spec.eval_split or spec.eval_fraction):
         raise UserError("the checkpoint's recipe names no evaluation data: pass --data FILE_OR_DATASET [--split NAME]")
     return spec
+
+
+# ----------------------------------------------------------------------------------------------
+# eval --generate
+
+
+@dataclass
+class _GenerationPlan:
+    request: GenerationRequest
+    prompts: list  # [(generate.Row, [references])], one per distinct prompt
+    metrics: tuple[str, ...]
+
+
+def _generation_plan(request: GenerationRequest, tokenizer, spec, seed: int) -> _GenerationPlan:
+    """The eval rows the loss is computed on, as prompts rendered as training rendered them with their
+    references; and the metrics that score them, with the packages those need."""
+    from deltafit.data.splits import _load_splits
+    from deltafit.generate import table_rows
+
+    splits = _load_splits(spec, seed, want_train=False)
+    rows = [row for row in table_rows(tokenizer, spec, splits.eval, splits.eval_key, splits.eval_source)
+            if row.reference is not None]
+    if not rows:
+        hint = "; completion data needs data.prompt_column" if spec.format == "completion" else ""
+        raise UserError(f"--generate: the eval rows have no reference answers to score against (data.format "
+                        f"{spec.format}{hint})")
+    prompts = group_by_prompt(rows)[: request.max_examples]  # None: all
+    metrics = request.metrics or default_metrics([ref for _, refs in prompts for ref in refs])
+    require_metric_packages(metrics)
+    return _GenerationPlan(request, prompts, metrics)
+
+
+def group_by_prompt(rows: list) -> list[tuple]:
+    """[(first row, every reference)] per distinct prompt, in first-seen order. Data like E2E NLG lists
+    an input once per reference: answering it once saves the repeats, and multi-reference BLEU and
+    best-of ROUGE-L score the input once against all its references, as its papers report."""
+    grouped: dict[str, tuple] = {}
+    for row in rows:
+        grouped.setdefault("".join(row.pieces), (row, []))[1].append(row.reference)
+    return list(grouped.values())
+
+
+def default_metrics(references: list[str]) -> tuple[str, ...]:
+    """exact_match, rouge and bleu; and json when every reference is a JSON object or array."""
+    def structured(text: str) -> bool:
+        try:
+            return isinstance(json.loads(text), (dict, list))
+        except json.JSONDecodeError:
+            return False
+
+    return ("exact_match", "rouge", "bleu") + (("json",) if all(map(structured, references)) else ())
+
+
+def require_metric_packages(metrics) -> None:
+    """Each metric's package (the `deltafit[metrics]` extra) imports, else one line saying what to install."""
+    import importlib
+
+    from deltafit.metric_modules import METRIC_PACKAGES
+
+    for name in metrics:
+        package = METRIC_PACKAGES.get(name)
+        try:
+            if package is not None:
+                importlib.import_module(package)
+        except ImportError:
+            raise UserError(f"--metrics {name} needs the '{package}' package: pip install 'deltafit[metrics]' "
+                            f"(exact_match and json need nothing more)") from None
+
+
+def _generation_scores(plan: _GenerationPlan, built: tuple, spec, batch_size: int, out: Path) -> dict:
+    """Greedy answers to the plan's prompts, written to `out` ({prompt, references, prediction} lines),
+    and their scores under gen_* keys."""
+    from deltafit.generate import Settings, predict, ready_generator, write_jsonl
+
+    model, tokenizer, delta = built
+    gen = ready_generator(model, tokenizer, delta, spec, Settings(max_new_tokens=plan.request.max_new_tokens))
+    answers = predict(gen, [row for row, _ in plan.prompts], batch_size)
+    records = [{"prompt": "".join(row.pieces), "references": refs, "prediction": prediction}
+               for (row, prediction), (_, refs) in zip(answers, plan.prompts)]
+    write_jsonl(out, records)
+    scores = metric_module("generation").compute(predictions=[r["prediction"] for r in records],
+                                                 references=[r["references"] for r in records],
+                                                 metrics=list(plan.metrics))
+    return {**{f"gen_{key}": value for key, value in scores.items()}, "gen_examples": len(records),
+            "predictions": str(out)}

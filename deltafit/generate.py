@@ -20,10 +20,10 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from deltafit.errors import UserError
-from deltafit.fsutil import CHECKPOINT_MARKERS, beside_checkpoint
+from deltafit.fsutil import beside_checkpoint
 
 PROMPT_FORMATS = ("alpaca", "chat", "completion")
 
@@ -86,38 +86,8 @@ def open_source(path: str, base_model: Optional[str] = None) -> Source:
 
     if not Path(path).exists():
         raise UserError(f"checkpoint '{path}' does not exist")
-    if _is_plain_model(Path(path)):
-        return _merged_source(Path(path), base_model)
-    directory, meta, tensors = load_source(path, base_model)
+    directory, meta, tensors = load_source(path, base_model, merged=True)
     source = Source(directory, source_recipe(directory, meta), meta, tensors)
-    _require_causal(source)
-    return source
-
-
-def _is_plain_model(path: Path) -> bool:
-    """A transformers model directory (what `deltafit merge` writes), not a checkpoint or an adapter."""
-    return (path / "config.json").is_file() and not any((path / m).is_file() for m in CHECKPOINT_MARKERS)
-
-
-def _merged_source(path: Path, base_model: Optional[str]) -> Source:
-    from deltafit.recipe import recipe_from_dict
-
-    if base_model:
-        raise UserError(f"--base-model: '{path}' is a merged model, its own base; leave --base-model out")
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"model '{path}': config.json is not readable JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"model '{path}': config.json is not a JSON object")
-    architectures = config.get("architectures") or []
-    task = "seq-cls" if any("ForSequenceClassification" in str(a) for a in architectures) else "causal-lm"
-    dtype = config.get("dtype") or config.get("torch_dtype")  # merge may save bfloat16/float16: keep it
-    model = {"name": str(path), "task": task, **({"dtype": dtype} if dtype in ("bfloat16", "float16") else {})}
-    # A merged model records no data format: its prompts are raw text unless --format says otherwise.
-    data_format = "classification" if task == "seq-cls" else "completion"
-    recipe = recipe_from_dict({"model": model, "data": {"train": "", "format": data_format}}, source=str(path))
-    source = Source(path, recipe, {"task": task, "method": "merged"}, None)
     _require_causal(source)
     return source
 
@@ -179,8 +149,6 @@ class Generator:
 def load_generator(source: Source, settings: Settings, base: bool = False, prompt_format: Optional[str] = None,
                    tokenizer=None) -> Generator:
     """Build the base model, attach the checkpoint's delta (unless `base`), ready to generate."""
-    import torch
-
     from deltafit.loading import about_checkpoint, attach_from_checkpoint
     from deltafit.model import build_model
 
@@ -189,11 +157,19 @@ def load_generator(source: Source, settings: Settings, base: bool = False, promp
     with about_checkpoint(source.directory):
         model, tokenizer, _ = build_model(source.recipe.model, tokenizer=tokenizer or load_tokenizer(source))
         delta = None if base or source.tensors is None else attach_from_checkpoint(model, source.meta, source.tensors)
+    return ready_generator(model, tokenizer, delta, prompt_spec(source, prompt_format), settings)
+
+
+def ready_generator(model, tokenizer, delta, data, settings: Settings) -> Generator:
+    """A Generator around a model already built (and its delta attached): eval mode, deltafit's own
+    generation options, on the GPU when there is one."""
+    import torch
+
     _own_generation_config(model, tokenizer)
     model.eval()
     if torch.cuda.is_available():
         model.to("cuda")
-    return Generator(model, tokenizer, delta, prompt_spec(source, prompt_format), settings)
+    return Generator(model, tokenizer, delta, data, settings)
 
 
 def load_tokenizer(source: Source):
@@ -289,12 +265,17 @@ class Row:
 def data_rows(tokenizer, data_spec, path: str) -> list[Row]:
     """Every row of a data file as (prompt pieces, reference), in the format of `data_spec` (a recipe's
     data section)."""
+    return table_rows(tokenizer, data_spec, _load_rows(path, data_spec), "--data", path)
+
+
+def table_rows(tokenizer, data_spec, rows, key: str, source: str) -> list[Row]:
+    """`data_rows` of rows already loaded (`deltafit eval --generate`: the eval split); `key` and
+    `source` name them in errors."""
     from deltafit.data.formats import _conversations, _segments
     from deltafit.data.splits import _check_columns
 
-    rows = _load_rows(path, data_spec)
     spec, has_reference = _reference_spec(data_spec, rows)
-    _check_columns(rows, spec, "--data", path)
+    _check_columns(rows, spec, key, source)
     if spec.format == "chat":
         return [_chat_row(tokenizer, messages, spec) for messages in _conversations(rows, spec)]
     return [_split(segments, has_reference) for segments in _segments(rows, spec, tokenizer)]
@@ -404,19 +385,28 @@ def _streamer(tokenizer):
 
 
 def generate_file(gen: Generator, rows: list[Row], out: Path, batch_size: int, progress=None) -> None:
-    """{prompt, reference, prediction} per row (`data_rows`), one JSON line each, in row order.
-    Written to a temporary sibling renamed into place: an interrupted run leaves no partial file."""
+    """{prompt, reference, prediction} per row (`data_rows`), one JSON line each, in row order."""
+    write_jsonl(out, ({"prompt": "".join(row.pieces), "reference": row.reference, "prediction": prediction}
+                      for row, prediction in predict(gen, rows, batch_size, progress)))
+
+
+def predict(gen: Generator, rows: list[Row], batch_size: int, progress=None) -> Iterator[tuple[Row, str]]:
+    """(row, decoded answer) for every row, in row order, generated `batch_size` rows at a time."""
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start: start + batch_size]
+        yield from zip(chunk, map(gen.decode, gen.generate([gen.prompt_ids(row.pieces) for row in chunk])))
+        if progress is not None:
+            progress(min(start + batch_size, len(rows)), len(rows))
+
+
+def write_jsonl(out: Path, records: Iterable[dict]) -> None:
+    """One JSON line per record, written to a temporary sibling renamed into place: an interrupted run
+    leaves no partial file."""
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start: start + batch_size]
-                predictions = gen.generate([gen.prompt_ids(row.pieces) for row in chunk])
-                for row, ids in zip(chunk, predictions):
-                    record = {"prompt": "".join(row.pieces), "reference": row.reference, "prediction": gen.decode(ids)}
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                if progress is not None:
-                    progress(min(start + batch_size, len(rows)), len(rows))
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -77,7 +77,7 @@ def greedy_without_cache(gen: Generator, ids: list[int], steps: int) -> list[int
     """The reference: every step a full forward over the whole sequence through the delta, no cache."""
     stops, new = {gen.tokenizer.eos_token_id}, []
     for _ in range(steps):
-        seq = torch.tensor([ids + new])
+        seq = torch.tensor([ids + new], device=gen.model.device)
         batch = {"input_ids": seq, "attention_mask": torch.ones_like(seq)}
         with torch.no_grad():
             inputs = _cache_argument(gen.model, gen.delta.prepare_inputs(batch) if gen.delta is not None else batch)
