@@ -102,6 +102,7 @@ def build_model(spec, num_labels: Optional[int] = None, label_names: Optional[li
         raise UserError(f"recipe key 'model.name': could not load '{spec.name}' ({_first_line(e)})") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # seq-cls on decoder models finds the last non-pad token
+    apply_pooling(model, spec, ref.path)
     return model, tokenizer, head_modules(info.get("missing_keys", []))
 
 
@@ -176,7 +177,87 @@ def meta_model(spec, num_labels: Optional[int] = None):
         config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
     auto = getattr(transformers, TASK_CLASSES[spec.task])
     with torch.device("meta"):
-        return auto.from_config(config, trust_remote_code=spec.trust_remote_code)
+        model = auto.from_config(config, trust_remote_code=spec.trust_remote_code)
+    apply_pooling(model, spec, resolve(spec.name, spec.gguf_file).path)  # refuses a pooling that cannot apply
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Classification pooling (model.pooling)
+#
+#   cls:  hidden states -> pooler(dense + tanh of the first token) -> dropout -> classifier   (the architecture's)
+#   mean: hidden states -> masked mean over real tokens (the pooler's output replaced)  -> dropout -> classifier
+#
+# `mean` is a forward hook on the encoder (the base model) that swaps its pooled output for the
+# attention-masked mean of its last hidden states, as sentence-transformers pools; removing the hook
+# gives the plain model back. The choice is also written into the model's config (`deltafit_pooling`),
+# so a merged model saved by `deltafit merge` says how it pools when deltafit loads it again.
+
+POOLING_CONFIG_KEY = "deltafit_pooling"
+SENTENCE_TRANSFORMERS_POOLING = "sentence_transformers.models.Pooling"
+
+
+def apply_pooling(model, spec, model_dir: Optional[str] = None):
+    """Set up `model.pooling` (or its default) on a seq-cls model; the hook handle for `mean`, else None."""
+    if spec.task != "seq-cls":
+        return None
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if getattr(base, "pooler", None) is None:
+        if spec.pooling:
+            raise UserError(f"recipe key 'model.pooling': {type(model).__name__} has no pooler (its classification "
+                            f"head reads the sequence its own way), so pooling '{spec.pooling}' cannot apply; "
+                            f"remove model.pooling")
+        return None
+    pooling = spec.pooling or default_pooling(model.config, model_dir)
+    model.config.update({POOLING_CONFIG_KEY: pooling})
+    return base.register_forward_hook(mean_pooling_hook, with_kwargs=True) if pooling == "mean" else None
+
+
+def default_pooling(config, model_dir: Optional[str] = None) -> str:
+    """What the model was trained for: a merged deltafit model's recorded choice, else a sentence-transformers
+    Pooling module's mode (mean tokens -> mean, CLS token -> cls), else cls (the architecture's head)."""
+    recorded = getattr(config, POOLING_CONFIG_KEY, None)
+    if recorded in ("cls", "mean"):
+        return recorded
+    settings = _sentence_transformers_pooling(Path(model_dir)) if model_dir else None
+    if settings and settings.get("pooling_mode_mean_tokens") and not settings.get("pooling_mode_cls_token"):
+        return "mean"
+    return "cls"
+
+
+def _sentence_transformers_pooling(directory: Path) -> Optional[dict]:
+    """The config.json of the Pooling module that a sentence-transformers folder's modules.json lists."""
+    import json
+
+    try:
+        modules = json.loads((directory / "modules.json").read_text(encoding="utf-8"))
+        module = next(m for m in modules if m.get("type") == SENTENCE_TRANSFORMERS_POOLING)
+        return json.loads((directory / module["path"] / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, StopIteration, KeyError, TypeError, AttributeError):
+        return None
+
+
+def masked_mean(hidden, attention_mask):
+    """Mean of each sequence's hidden states over its real (mask 1) tokens: [batch, seq, dim] -> [batch, dim]."""
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+
+def mean_pooling_hook(module, args, kwargs, output):
+    """Forward hook on the encoder: its pooled output becomes the masked mean of its last hidden states."""
+    import torch
+
+    hidden = output[0]
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    if mask is not None and mask.dim() == 2 and mask.shape[-1] > hidden.shape[1]:
+        mask = mask[:, -hidden.shape[1]:]  # prefix methods prepend their virtual positions' mask
+    if mask is None or mask.dim() != 2 or mask.shape[-1] != hidden.shape[1]:
+        mask = torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device)  # no mask given: all count
+    pooled = masked_mean(hidden, mask)
+    if isinstance(output, tuple):
+        return (output[0], pooled, *output[2:])
+    output["pooler_output"] = pooled
+    return output
 
 
 def plain_ref(spec) -> ModelRef:

@@ -47,11 +47,50 @@ class ModelSpec(Section):
     trust_remote_code: bool = Field(
         False, description="Run model code shipped with a hub model. Off unless you trust its author."
     )
+    pooling: Optional[Literal["cls", "mean"]] = Field(
+        None, description="seq-cls on encoders with a pooler (BERT family): what the classifier reads. cls: the "
+        "architecture's own head (the pooler on the first token); mean: the attention-masked mean of the last "
+        "hidden states (sentence-transformers' pooling). Default: what the model was trained for when its files "
+        "say (a sentence-transformers 1_Pooling/config.json, or a merged deltafit model's config), else cls."
+    )
+
+
+class TrainSource(Section):
+    """One source of a training mixture (`data.train` as a list). Every key left out is the data section's."""
+
+    source: str = Field(description="A hub dataset name, a local data file or folder, or builtin:<task>.")
+    weight: float = Field(
+        1.0, gt=0, description="Relative weight: the source's share of the mixture is weight / sum of the weights."
+    )
+    format: Optional[Literal["alpaca", "chat", "completion", "classification"]] = Field(
+        None, description="data.format for this source.")
+    config: Optional[str] = Field(None, description="data.config for this source.")
+    split: Optional[str] = Field(None, description="data.split for this source.")
+    text_column: Optional[str] = Field(None, description="data.text_column for this source.")
+    text_pair_column: Optional[str] = Field(None, description="data.text_pair_column for this source.")
+    label_column: Optional[str] = Field(None, description="data.label_column for this source.")
+    prompt_column: Optional[str] = Field(None, description="data.prompt_column for this source.")
+    prompt_template: Optional[str] = Field(None, description="data.prompt_template for this source.")
+    messages_column: Optional[str] = Field(None, description="data.messages_column for this source.")
+    instruction_column: Optional[str] = Field(None, description="data.instruction_column for this source.")
+    input_column: Optional[str] = Field(None, description="data.input_column for this source.")
+    output_column: Optional[str] = Field(None, description="data.output_column for this source.")
+    columns: Optional[list[str]] = Field(None, min_length=1, description="data.columns for this source.")
+    delimiter: Optional[str] = Field(None, min_length=1, description="data.delimiter for this source.")
+
+    def overrides(self) -> dict:
+        """The data keys this source sets itself (`source` becomes data.train)."""
+        return {k: v for k, v in self.model_dump(exclude={"source", "weight"}).items() if v is not None}
 
 
 class DataSpec(Section):
-    train: str = Field(
-        description="Training data: a hub dataset name, or a local .json/.jsonl/.csv/.tsv/.parquet file."
+    train: Union[Annotated[list[TrainSource], Field(min_length=1)], str] = Field(
+        description="Training data: a hub dataset name, a local .json/.jsonl/.csv/.tsv/.parquet/.txt file, or a "
+        "mixture: a list of {source, weight, ...} entries, each with its own data keys (format, columns...) where they "
+        "differ. The mixture holds as many examples as its sources together (at most data.max_train_examples); "
+        "source i supplies weight_i / sum(weights) of them, drawn by a seeded shuffle (train.seed), without "
+        "repetition while its examples last and repeated when upsampled. A mixture needs data.eval (or none) for "
+        "evaluation.",
     )
     config: Optional[str] = Field(None, description="Hub dataset configuration (e.g. 'sst2' for 'glue').")
     split: str = Field("train", description="Split of the training source to train on.")
@@ -88,6 +127,17 @@ class DataSpec(Section):
         "[source, label, orig, sentence]): its first line is then data, not a header. Applies to data.train and "
         "data.eval; any other kind of source refuses it."
     )
+    delimiter: Optional[str] = Field(
+        None, min_length=1, description="Field separator of a header-less delimited .txt file: each non-blank line is "
+        "one row, split on this exact string (no quoting; each field stripped of surrounding spaces) into the "
+        "columns data.columns names, e.g. '||' for the "
+        "E2E NLG files (`MR||reference`). Only .txt sources take it, and they need it."
+    )
+    prompt_template: Optional[str] = Field(
+        None, description="For completion data with data.prompt_column: the prompt the model sees, '{prompt}' standing "
+        "for the prompt column's text, e.g. '{prompt}\\nText: '. Training, evaluation and `deltafit generate --data` "
+        "render prompts through it alike."
+    )
     max_length: int = Field(
         512, ge=8, description="Examples are truncated to this many tokens (the count of truncated ones is reported); "
         "packed rows hold at most this many."
@@ -111,6 +161,13 @@ class DataSpec(Section):
         None, ge=1, description="Use only the first N training rows (after shuffling with the seed).",
     )
     max_eval_examples: Optional[int] = Field(None, ge=1, description="Use only the first N evaluation rows.")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_prompt(cls, template: Optional[str]) -> Optional[str]:
+        if template is not None and "{prompt}" not in template:
+            raise ValueError("must contain '{prompt}', where the prompt column's text goes")
+        return template
 
     @field_validator("columns")
     @classmethod
@@ -183,6 +240,9 @@ class TrainSpec(Section):
     keep_last: int = Field(2, ge=1, description="Step checkpoints kept on disk.")
     log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    fsdp: bool = Field(
+        False, description="Shard the base model and the delta across processes with PyTorch FSDP2 (fully_shard per "
+        "transformer block, then the root); on one process it is ignored.")
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="A NaN/inf loss or gradient: 'stop' the run with a message naming the step (the last "
         "checkpoint stays intact), or 'skip' that optimizer step and go on (each skip is logged).")
@@ -406,6 +466,9 @@ def _check_task_and_format(recipe: Recipe, source: str) -> None:
         check_task(recipe.data, recipe.model.task)
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
+    if recipe.model.pooling and recipe.model.task != "seq-cls":
+        raise UserError(f"{source}: recipe key 'model.pooling': pooling picks what a sequence classifier reads "
+                        f"(model.task seq-cls); model.task is '{recipe.model.task}', so remove model.pooling")
 
 
 def validate_delta(delta_raw: dict, source: str = "recipe"):
@@ -440,13 +503,28 @@ def apply_override(raw: dict, item: str) -> None:
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
+        if isinstance(node, list):  # an entry of a list of sections: data.train.1.weight
+            node = node[_list_index(node, part, item)]
+            continue
         child = node.get(part)
         if child is None:
             child = node[part] = {}
-        if not isinstance(child, dict):
+        if not isinstance(child, (dict, list)) or (isinstance(child, list) and not part.isdigit()
+                                                   and not all(isinstance(c, dict) for c in child)):
             raise UserError(f"--set '{item}': '{part}' is a value, not a section")
         node = child
-    node[parts[-1]] = parsed
+    if isinstance(node, list):
+        node[_list_index(node, parts[-1], item)] = parsed
+    elif not isinstance(node, dict):
+        raise UserError(f"--set '{item}': '{parts[-2]}' is a value, not a section")
+    else:
+        node[parts[-1]] = parsed
+
+
+def _list_index(node: list, part: str, item: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise UserError(f"--set '{item}': '{part}' is no entry of a list of {len(node)} (use 0 to {len(node) - 1})")
+    return int(part)
 
 
 def _starts_comment(value: str) -> bool:
@@ -486,17 +564,30 @@ _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
     for part in loc:
+        if part.isdigit():  # an entry of a list of sections (data.train.1)
+            continue
         field = model.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        model = _section_in(getattr(field, "annotation", None))
+        if model is None:
             return []
-        model = annotation
     return list(model.model_fields)
 
 
+def _section_in(annotation) -> Optional[type[BaseModel]]:
+    """The section class an annotation holds: itself, or inside a list / Optional / Union (data.train)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _section_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _description(model: type[BaseModel], loc: list[str]) -> str:
+    loc = [part for part in loc if not part.isdigit()]
     for part in loc[:-1]:
-        model = model.model_fields[part].annotation
+        model = _section_in(model.model_fields[part].annotation) or model.model_fields[part].annotation
     field = model.model_fields.get(loc[-1]) if isinstance(model, type) else None
     section = getattr(field, "annotation", None)
     if isinstance(section, type) and issubclass(section, BaseModel):  # a whole section is missing

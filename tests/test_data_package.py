@@ -37,7 +37,7 @@ def test_the_values_are_unchanged():
     from deltafit import data
 
     assert data.IGNORE_INDEX == -100 and data.SPLITS == ("train", "eval") and data.PACKING_MIN_SAVING == 0.1
-    assert data.LOCAL_EXTENSIONS == (".json", ".jsonl", ".csv", ".tsv", ".parquet")
+    assert data.LOCAL_EXTENSIONS == (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt")
     assert data.CAUSAL_FORMATS == ("alpaca", "chat", "completion") and data.BUILTIN_PREFIX == "builtin:"
     assert data.ALPACA_PROMPT.startswith("Below is an instruction") and "{input}" in data.ALPACA_PROMPT
     assert "{input}" not in data.ALPACA_PROMPT_NO_INPUT

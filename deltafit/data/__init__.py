@@ -5,9 +5,11 @@ The flow (`prepare.py`, which reads top to bottom) is `load_rows` (hub dataset -
 fraction, caps) -> one encoder per `data.format` -> packing -> `Prepared`, or the same result read
 from the cache. The modules, in the order the data goes through them:
 
-- `sources.py`: `load_rows`: local JSON / JSON lines / CSV / TSV / Parquet files, hub datasets and
-  dataset folders, `builtin:` tasks.
+- `sources.py`: `load_rows`: local JSON / JSON lines / CSV / TSV / Parquet files, header-less
+  delimited .txt files (`data.delimiter`), hub datasets and dataset folders, `builtin:` tasks.
 - `splits.py`: which rows train and which evaluate; the column checks and `check_task`.
+- `mixture.py`: `data.train` as a list of weighted sources, each with its own data keys: how many
+  examples each supplies and the seeded order they are mixed in.
 - `formats.py`: the alpaca, chat, completion and classification encoders: segments, chat
   templates, label masking (`IGNORE_INDEX`), truncation, label ids.
 - `packing.py`: `pack_examples` and the decision to pack (`resolve_packing`, `PACKING_MIN_SAVING`),

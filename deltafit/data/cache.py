@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from deltafit.data.mixture import is_mixture, source_specs
 from deltafit.data.sources import BUILTIN_PREFIX, _looks_local, load_rows
 from deltafit.fsutil import atomic_dir, sha256_file
 from deltafit.tasks import load_builtin
@@ -37,7 +38,7 @@ def _cache_key(spec, tokenizer, task: str, seed: int, label_names, want_train: b
     fingerprints = [_source_fingerprint(*source) for source in sources]
     if None in fingerprints:
         return None
-    selects = spec.eval_fraction or spec.max_train_examples
+    selects = spec.eval_fraction or spec.max_train_examples or is_mixture(spec)
     parts = {
         "code": _code_fingerprint(),
         "libraries": [transformers.__version__, tokenizers.__version__],
@@ -45,6 +46,9 @@ def _cache_key(spec, tokenizer, task: str, seed: int, label_names, want_train: b
         "sources": [[config, split, key, fingerprint]
                     for (_, config, split, key), fingerprint in zip(sources, fingerprints)],
         "spec": spec.model_dump(mode="json", exclude={"cache", "train", "eval"}),
+        # A mixture: every entry's weight and own data keys (its source's bytes are in "sources").
+        "mixture": [entry.model_dump(mode="json", exclude={"source"}) for entry in spec.train]
+        if is_mixture(spec) else None,
         "tokenizer": _tokenizer_fingerprint(tokenizer),
         "task": task, "label_names": label_names, "want_train": want_train,
         "seed": seed if selects else None,  # the seed only picks rows when rows are held out or capped
@@ -68,7 +72,7 @@ def _sources(spec, want_train: bool) -> list[tuple[str, Optional[str], str, str]
     """(source, config, split, recipe key) of every dataset `_load_splits` reads for this spec."""
     sources = []
     if want_train or spec.eval_fraction:
-        sources.append((spec.train, spec.config, spec.split, "data.train"))
+        sources += [(s.train, s.config, s.split, key) for key, s, _ in source_specs(spec)]
     if spec.eval:
         config = spec.config if spec.eval == spec.train else None
         sources.append((spec.eval, config, spec.eval_split or "train", "data.eval"))

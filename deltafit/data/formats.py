@@ -94,7 +94,15 @@ def _segments(ds, spec, tokenizer) -> list[list[tuple[str, bool]]]:
     texts = _texts(ds, spec, "text_column")
     if not spec.prompt_column:
         return [[(text, True)] for text in texts]
-    return [[(p, False), (text, True)] for p, text in zip(_texts(ds, spec, "prompt_column"), texts)]
+    prompts = [render_completion_prompt(p, spec) for p in _texts(ds, spec, "prompt_column")]
+    return [[(p, False), (text, True)] for p, text in zip(prompts, texts)]
+
+
+def render_completion_prompt(prompt: str, spec) -> str:
+    """A completion row's prompt as the model sees it: through data.prompt_template when set
+    ('{prompt}' is replaced; other braces are plain text)."""
+    template = getattr(spec, "prompt_template", None)
+    return template.replace("{prompt}", prompt) if template else prompt
 
 
 def _alpaca_segments(ds, spec) -> list[list[tuple[str, bool]]]:

@@ -4,7 +4,8 @@
 dataset or folder as a `datasets.Dataset`; both answer the few calls the rest of the package makes.
 A problem with a file's content is a `UserError` naming the recipe key and the path. CSV files use
 CSV quoting; TSV files are read literally (GLUE's are unquoted); `data.columns` names the columns
-of a header-less CSV/TSV file.
+of a header-less CSV/TSV file. A .txt file is header-less delimited text: each non-blank line one row,
+split on `data.delimiter` (an exact string, no quoting, e.g. '||' for E2E NLG) into `data.columns`.
 """
 
 from __future__ import annotations
@@ -17,17 +18,21 @@ from typing import Optional
 from deltafit.errors import UserError
 from deltafit.tasks import load_builtin
 
-LOCAL_EXTENSIONS = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
+LOCAL_EXTENSIONS = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt")
 BUILTIN_PREFIX = "builtin:"  # datasets deltafit generates itself (deltafit/tasks.py)
 
 
 def load_rows(source: str, config: Optional[str] = None, split: str = "train", key: str = "data.train",
-              columns: Optional[list[str]] = None):
+              columns: Optional[list[str]] = None, delimiter: Optional[str] = None):
     """Rows of a local file (by extension, as `ArrowRows`) or a hub dataset (`datasets.Dataset`); never empty.
-    `columns` (data.columns) names the columns of a header-less CSV/TSV file; any other source refuses it."""
+    `columns` (data.columns) names the columns of a header-less CSV/TSV/TXT file; any other source refuses it.
+    `delimiter` (data.delimiter) splits the lines of a .txt file, which needs both."""
     path = Path(source).expanduser()
     if columns is not None:
         _check_headerless(source, path, key)
+    _check_text_file(source, path, key, columns, delimiter)
+    if delimiter is not None:
+        columns = (columns, delimiter)
     if source.startswith(BUILTIN_PREFIX):
         ds = _from_records(load_builtin(source[len(BUILTIN_PREFIX):], key))
     elif _looks_local(source, path):
@@ -39,15 +44,28 @@ def load_rows(source: str, config: Optional[str] = None, split: str = "train", k
     return ds
 
 
-HEADERLESS_EXTENSIONS = (".csv", ".tsv")  # the files whose columns data.columns can name
+HEADERLESS_EXTENSIONS = (".csv", ".tsv", ".txt")  # the files whose columns data.columns can name
+TEXT_EXTENSION = ".txt"  # header-less lines split on data.delimiter
+
+
+def _check_text_file(source: str, path: Path, key: str, columns, delimiter) -> None:
+    is_text = path.suffix.lower() == TEXT_EXTENSION and not source.startswith(BUILTIN_PREFIX) and not path.is_dir()
+    if delimiter is not None and not is_text:
+        raise UserError(f"recipe key 'data.delimiter': it splits the lines of a header-less .txt file, but {key} "
+                        f"'{source}' is not one; remove data.delimiter")
+    if is_text and (delimiter is None or columns is None):
+        missing = " and ".join(k for k, v in (("data.delimiter", delimiter), ("data.columns", columns)) if v is None)
+        raise UserError(f"recipe key '{missing.split(' and ')[0]}': {key} '{source}' is a .txt file: its lines are "
+                        f"split on data.delimiter into the columns data.columns names (e.g. delimiter: '||', "
+                        f"columns: [meaning_representation, target]); set {missing}")
 
 
 def _check_headerless(source: str, path: Path, key: str) -> None:
     # Only a delimited text file has lines that could be a header or data; every other source names
     # its own columns, so data.columns there is a mistake rather than something to ignore.
     if path.suffix.lower() not in HEADERLESS_EXTENSIONS or source.startswith(BUILTIN_PREFIX) or path.is_dir():
-        raise UserError(f"recipe key 'data.columns': it names the columns of a header-less .csv/.tsv file, but {key} "
-                        f"'{source}' is not one (its columns come with it); remove data.columns")
+        raise UserError(f"recipe key 'data.columns': it names the columns of a header-less .csv/.tsv/.txt file, "
+                        f"but {key} '{source}' is not one (its columns come with it); remove data.columns")
 
 
 class _BadFile(Exception):
@@ -259,7 +277,29 @@ def _read_parquet(path: Path):
     return ArrowRows(table)
 
 
+def _read_text(path: Path, layout: tuple[list[str], str]):
+    """A header-less .txt file: each non-blank line split on the delimiter into the named columns."""
+    import pyarrow
+
+    names, delimiter = layout
+    columns, lines = [[] for _ in names], []
+    with open(path, encoding="utf-8-sig", newline=None) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            values = line.split(delimiter)
+            if len(values) != len(names):
+                raise _BadFile(f"line {lineno} has {len(values)} fields split on {delimiter!r} but data.columns names "
+                               f"{len(names)} ({', '.join(names)})")
+            for column, value in zip(columns, values):
+                column.append(value.strip())
+            lines.append(lineno)
+    return ArrowRows(pyarrow.Table.from_pydict(dict(zip(names, columns))), lines, "line")
+
+
 _READERS = {
+    ".txt": _read_text,
     ".json": _read_json,
     ".jsonl": _read_json,
     ".csv": lambda p, names=None: _read_delimited(p, ",", csv.QUOTE_MINIMAL, names),

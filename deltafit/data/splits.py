@@ -6,8 +6,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from deltafit.data.formats import CAUSAL_FORMATS, messages_column
+from deltafit.data.mixture import check_mixture, is_mixture, source_specs
 from deltafit.data.sources import LOCAL_EXTENSIONS, load_rows
 from deltafit.errors import UserError, did_you_mean
 
@@ -18,29 +20,45 @@ class _Splits:
     eval: object
     eval_source: str
     eval_key: str = "data.eval"
+    # A mixture (data.train as a list): (recipe key, that source's data section, rows, weight) per
+    # source, encoded one by one and mixed by `prepare`; `train` is then None.
+    parts: Optional[list[tuple[str, object, object, float]]] = None
 
 
 def _load_splits(spec, seed: int, want_train: bool) -> _Splits:
     _check_eval_options(spec)
-    train = None
-    if want_train or spec.eval_fraction:
-        train = load_rows(spec.train, spec.config, spec.split, key="data.train", columns=spec.columns)
-        _check_columns(train, spec, "data.train", spec.train)
+    if is_mixture(spec):
+        parts = [(key, s, _load_train(s, key), w) for key, s, w in source_specs(spec)] if want_train else None
+        evaluation, source, key = _load_eval(spec)
+        return _Splits(None, _cap_eval(evaluation, spec), source, key, parts)
+    train = _load_train(spec, "data.train") if want_train or spec.eval_fraction else None
     evaluation, source, key = _load_eval(spec)
     train, held_out = _select_train(train, spec, seed)
     if held_out is not None:
         source = f"{spec.eval_fraction:g} of data.train held out (seeded shuffle)"
         evaluation, key = held_out, "data.train"
+    return _Splits(train if want_train else None, _cap_eval(evaluation, spec), source, key)
+
+
+def _load_train(spec, key: str):
+    rows = load_rows(spec.train, spec.config, spec.split, key=key, columns=spec.columns, delimiter=spec.delimiter)
+    _check_columns(rows, spec, key, spec.train)
+    return rows
+
+
+def _cap_eval(evaluation, spec):
     if evaluation is not None and spec.max_eval_examples:
         evaluation = evaluation.select(range(min(spec.max_eval_examples, len(evaluation))))
-    return _Splits(train if want_train else None, evaluation, source, key)
+    return evaluation
 
 
 def _check_eval_options(spec) -> None:
+    check_mixture(spec)
     if spec.eval_fraction and (spec.eval or spec.eval_split):
         raise UserError("recipe key 'data.eval_fraction': set either eval_fraction or data.eval / data.eval_split, "
                         "not both")
-    if spec.eval_split and not spec.eval and Path(spec.train).suffix.lower() in LOCAL_EXTENSIONS:
+    single_file = not is_mixture(spec) and Path(spec.train).suffix.lower() in LOCAL_EXTENSIONS
+    if spec.eval_split and not spec.eval and single_file:
         raise UserError(f"recipe key 'data.eval_split': '{spec.train}' is a single file with no named splits; "
                         f"put the evaluation rows in their own file and set data.eval")
 
@@ -51,11 +69,12 @@ def _load_eval(spec):
         # data.eval names a whole dataset: its split is eval_split, else 'train' (a file's only split).
         split = spec.eval_split or "train"
         config = spec.config if spec.eval == spec.train else None
-        rows = load_rows(spec.eval, config, split, key="data.eval", columns=spec.columns)
+        rows = load_rows(spec.eval, config, split, key="data.eval", columns=spec.columns, delimiter=spec.delimiter)
         _check_columns(rows, spec, "data.eval", spec.eval)
         return rows, f"{spec.eval} (split {split})", "data.eval"
     if spec.eval_split:
-        rows = load_rows(spec.train, spec.config, spec.eval_split, key="data.eval_split", columns=spec.columns)
+        rows = load_rows(spec.train, spec.config, spec.eval_split, key="data.eval_split", columns=spec.columns,
+                         delimiter=spec.delimiter)
         _check_columns(rows, spec, "data.eval_split", f"{spec.train} split {spec.eval_split}")
         return rows, f"{spec.train} (split {spec.eval_split})", "data.eval_split"
     return None, "none", "data.eval"
@@ -104,9 +123,25 @@ def _check_columns(ds, spec, key: str, source: str) -> None:
 
 
 def check_task(spec, task: str) -> None:
-    """data.format must make the kind of examples model.task trains on (recipe validation calls it too)."""
+    """data.format (of the data section and of every training source) must make the kind of examples
+    model.task trains on, and data.prompt_template needs completion data with a prompt column;
+    recipe validation calls this too."""
+    check_mixture(spec)
+    mixture = is_mixture(spec)
+    # The data section's own format renders evaluation data, and every source that sets none.
+    inherits = not mixture or bool(spec.eval) or any(entry.format is None for entry in spec.train)
+    checks = [("data", spec)] * inherits + [(key, s) for key, s, _ in source_specs(spec) if mixture]
+    for prefix, s in checks:
+        _check_format(s, task, prefix)
+
+
+def _check_format(spec, task: str, prefix: str) -> None:
     wants = "seq-cls" if spec.format == "classification" else "causal-lm"
     if task != wants:
         hint = "classification" if task == "seq-cls" else f"one of {', '.join(CAUSAL_FORMATS)}"
-        raise UserError(f"recipe key 'data.format': '{spec.format}' makes {wants} examples but model.task is "
+        raise UserError(f"recipe key '{prefix}.format': '{spec.format}' makes {wants} examples but model.task is "
                         f"'{task}' (use data.format {hint})")
+    if spec.prompt_template and not (spec.format == "completion" and spec.prompt_column):
+        raise UserError(f"recipe key '{prefix}.prompt_template': it shapes the prompt of completion data with a "
+                        f"prompt column (data.format completion and data.prompt_column); format '{spec.format}' "
+                        f"{'has no prompt column set' if spec.format == 'completion' else 'renders its own prompts'}")
