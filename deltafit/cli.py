@@ -63,29 +63,60 @@ def train(
 
 @app.command("eval")
 def eval_(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint directory (or a run directory: its final checkpoint)."),
+    checkpoint: Path = typer.Argument(
+        ..., help="Checkpoint directory (or a run directory: its final checkpoint), PEFT adapter, or merged model.",
+    ),
     data: Optional[str] = typer.Option(
-        None, "--data", help="Evaluation file or hub dataset (default: the recipe's eval data).",
+        None, "--data", help="Evaluation file or hub dataset (default: the recipe's eval data; required for a merged "
+        "model, which records none).",
     ),
     split: Optional[str] = typer.Option(None, "--split", help="Split of --data (or of the recipe's data) to score."),
     base: bool = typer.Option(
         False, "--base", help="Score the untouched base model on the same data (before/after comparison).",
     ),
     batch_size: Optional[int] = typer.Option(
-        None, "--batch-size", min=1, help="Evaluation batch size (default: the recipe's).",
+        None, "--batch-size", min=1, help="Evaluation (and generation) batch size (default: the recipe's).",
     ),
     output: Optional[Path] = typer.Option(
         None, "--output", "-o",
         help="Write results JSON here (default: beside the checkpoint, <checkpoint>-eval[-base].json).",
     ),
     base_model: Optional[str] = typer.Option(None, "--base-model", help=BASE_MODEL_HELP),
+    format_: Optional[str] = typer.Option(
+        None, "--format", help="Data format alpaca, chat, completion or classification (default: the checkpoint's "
+        "data.format; completion for a merged model).",
+    ),
+    generate: bool = typer.Option(
+        False, "--generate", help="Also answer each distinct eval prompt greedily and score the answers against its "
+        "references (gen_* keys); predictions go beside the results, <results>-predictions.jsonl.",
+    ),
+    metrics: Optional[str] = typer.Option(
+        None, "--metrics", help="With --generate: comma list of exact_match, rouge (ROUGE-L F), bleu (sacreBLEU, "
+        "0-100), json (valid / exact / field shares). Default: exact_match,rouge,bleu, plus json when every "
+        "reference is a JSON object or array. rouge and bleu need pip install 'deltafit\\[metrics]'.",  # \\[: no markup
+    ),
+    max_new_tokens: Optional[int] = typer.Option(
+        None, "--max-new-tokens", help="With --generate: most tokens per answer (default 128).",
+    ),
+    max_examples: Optional[int] = typer.Option(
+        None, "--max-examples", help="With --generate: answer only the first N distinct prompts (default: all).",
+    ),
 ):
-    """Score a checkpoint: loss and perplexity (causal LM), or accuracy, F1 and MCC (classification)."""
-    from deltafit.evaluate import evaluate_checkpoint
+    """Score a checkpoint: loss and perplexity (causal LM), or accuracy, F1 and MCC (classification);
+    with --generate, exact match, ROUGE-L, BLEU and JSON scores of its answers too."""
+    from deltafit.evaluate import GenerationRequest, evaluate_checkpoint
     from deltafit.report import print_results
 
+    given = [name for name, value in (("--metrics", metrics), ("--max-new-tokens", max_new_tokens),
+                                      ("--max-examples", max_examples)) if value is not None]
+    if given and not generate:
+        raise UserError(f"{given[0]} scores generated answers: add --generate (or leave {given[0]} out)")
+    request = GenerationRequest(
+        tuple(m.strip() for m in metrics.split(",") if m.strip()) if metrics is not None else None,
+        128 if max_new_tokens is None else max_new_tokens, max_examples,
+    ) if generate else None
     results, path = evaluate_checkpoint(str(checkpoint), data, split, base, batch_size, str(output) if output else None,
-                                        base_model)
+                                        base_model, request, format_)
     print_results(results, path)
 
 
@@ -209,6 +240,59 @@ def schema(
     except OSError as e:
         raise UserError(f"--output '{output}' could not be written ({e.strerror or e})") from None
     typer.echo(f"wrote the recipe schema to {output}", err=True)
+
+
+@app.command()
+def compare(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file (its model, data and train settings are shared)."),
+    methods_: str = typer.Option(
+        ..., "--methods", "-m", help="Comma list of delta methods to train, e.g. lora,adapter,bitfit,ia3 "
+        "(see `deltafit methods`).",
+    ),
+    set_: Optional[List[str]] = typer.Option(
+        None, "--set", help="Override a recipe key for every method (--set train.max_steps=200), or for one method "
+        "with a METHOD: prefix (--set lora:train.lr=1e-3 --set adapter:delta.bottleneck=32). Repeatable; values "
+        "are YAML; applied after the recommended settings.",
+    ),
+    output: Optional[str] = typer.Option(
+        None, "--output", "-o", help="Directory for the runs (one per method) and the table "
+        "(default: runs/compare-<recipe>).",
+    ),
+):
+    """Train the recipe once per delta method and tabulate the runs side by side.
+
+    Each method gets its recommended learning rate and options (the recipe's own method keeps its
+    delta section and train.lr as written). The table lists trainable parameters, eval metrics, time,
+    peak memory and checkpoint size (terminal, compare.md, compare.json), with two PNG charts. Run it
+    again to continue an interrupted comparison: finished runs are reused, an interrupted one resumes."""
+    from deltafit.compare import compare as run_compare
+    from deltafit.report import print_compare
+
+    if output is not None and not output.strip():
+        raise UserError("--output is empty: give the directory for the comparison (or leave --output out)")
+    print_compare(run_compare(recipe, methods_, set_ or [], Path(output) if output else None))
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A training run's output directory (holds metrics.jsonl)."),
+    output: Optional[str] = typer.Option(
+        None, "--output", "-o", help="Directory for the PNG charts (default: RUN_DIR).",
+    ),
+):
+    """Draw a run's metrics.jsonl as PNG charts (loss, lr, eval metrics, tokens/s) and print a summary."""
+    from deltafit.plots import require, run_charts
+    from deltafit.report import load_run_records, print_run_summary, summarize_run
+
+    if output is not None and not output.strip():
+        raise UserError("--output is empty: give the directory for the charts (or leave --output out for RUN_DIR)")
+    records = load_run_records(run_dir)
+    require("deltafit report")
+    target = Path(output) if output else run_dir
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--output '{target}' is a file; give a directory for the charts")
+    charts = run_charts(records, target, title=run_dir.name)
+    print_run_summary(run_dir, summarize_run(records), charts)
 
 
 @app.command()
