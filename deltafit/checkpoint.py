@@ -4,7 +4,9 @@ A checkpoint is a directory:
     deltafit.json        what it is: method + config, base model, task, labels, step, versions
     delta.safetensors    the delta's tensors (and a new task head's), nothing of the frozen base
     recipe.yaml          the resolved recipe that produced it
-    trainer/             (step checkpoints only) optimizer, scheduler and RNG state for --resume
+    trainer/             (step checkpoints only) optimizer, scheduler and RNG state for --resume;
+                         under train.fsdp also shards/: each process's slices of the optimizer state
+                         (rank-NNNNN.safetensors + .json, see deltafit/sharding.py)
 
 Everything is written into a temporary sibling directory that is renamed into place at the end,
 so a run killed mid-save never leaves a checkpoint that looks complete.
@@ -54,8 +56,12 @@ def metadata(recipe, delta, label_names: Optional[list[str]], step: int, epoch: 
 
 
 def save(directory: Path, meta: dict, tensors: dict[str, torch.Tensor], recipe_dict: dict,
-         trainer_state: Optional[dict] = None, before_metadata: Optional[Callable[[Path], None]] = None) -> Path:
+         trainer_state: Optional[dict] = None, before_metadata: Optional[Callable[[Path], None]] = None,
+         shard_files: tuple[Path, ...] = ()) -> Path:
     """Write a checkpoint atomically (temp dir + rename); replaces an existing one of that name.
+
+    `shard_files`: files the processes of a sharded run wrote beside it (their slices of the
+    optimizer state); they are moved into trainer/shards/ before the metadata marks it complete.
 
     `before_metadata(tmp_dir)`, when given, is called once every other file is in the temporary
     directory, just before the manifest and metadata (the training loop's `during_save` hook)."""
@@ -65,7 +71,7 @@ def save(directory: Path, meta: dict, tensors: dict[str, torch.Tensor], recipe_d
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
             (tmp / RECIPE).write_text(yaml.safe_dump(recipe_dict, sort_keys=False), encoding="utf-8")
             if trainer_state is not None:
-                _save_trainer_state(tmp / TRAINER, trainer_state)
+                _save_trainer_state(tmp / TRAINER, trainer_state, shard_files)
             if before_metadata is not None:
                 before_metadata(tmp)
             meta = {**meta, "files": _manifest(tmp)}  # sizes and hashes: a damaged file is caught on load
@@ -296,9 +302,15 @@ def prune(output_dir: Path, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _save_trainer_state(directory: Path, state: dict) -> None:
+def _save_trainer_state(directory: Path, state: dict, shard_files: tuple[Path, ...] = ()) -> None:
     """Optimizer/scheduler/RNG state as safetensors + JSON (no pickle, like the delta itself)."""
+    from deltafit.sharding import SHARDS
+
     directory.mkdir()
+    if shard_files:
+        (directory / SHARDS).mkdir()
+        for path in shard_files:
+            os.replace(path, directory / SHARDS / path.name)
     tensors, plain = _split_tensors(state["optimizer"], "optimizer")
     for part in ("method", "selection"):  # the method's schedule; early stopping and the best delta (train.py)
         part_tensors, part_plain = _split_tensors(state.get(part, {}), part)
@@ -314,11 +326,15 @@ def _save_trainer_state(directory: Path, state: dict) -> None:
 
 
 def load_trainer_state(directory: Path) -> dict:
-    """Inverse of _save_trainer_state; restores the RNGs as a side effect."""
+    """Inverse of _save_trainer_state (sharded optimizer state is put back together whole);
+    restores the RNGs as a side effect."""
+    from deltafit.sharding import SHARDS, join_shards
+
     try:
         tensors = load_file(str(directory / TRAINER / "state.safetensors"))
+        tensors.update(join_shards(directory / TRAINER / SHARDS))
         plain = json.loads((directory / TRAINER / "state.json").read_text())
-    except (OSError, SafetensorError, ValueError) as e:
+    except (OSError, SafetensorError, ValueError, KeyError) as e:
         raise UserError(f"checkpoint '{directory}' cannot be resumed: "
                         f"trainer state is missing or damaged ({e})") from None
     _check_trainer_state(directory, tensors, plain)

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from deltafit import checkpoint, deltas
+from deltafit import checkpoint, deltas, sharding
 from deltafit.allocator import tune_glibc
 from deltafit.data import batch_tokens, make_collator, prepare_data, resolve_packing, use_packed_attention
 from deltafit.errors import Interrupted, UserError
@@ -218,8 +218,9 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
         _check_unchanged(resume_from, recipe)
     if _sharded(accelerator) and (resume_from or t.save_every):
         raise UserError("train.save_every / --resume: step checkpoints with optimizer state are not supported under "
-                        "FSDP or DeepSpeed yet (the final delta is gathered and saved); use DDP, or set "
-                        "train.save_every: null")
+                        "Accelerate's FSDP or DeepSpeed (the final delta is gathered and saved); launch without that "
+                        "Accelerate config and set train.fsdp: true (deltafit's own FSDP2, resumable), use DDP, or "
+                        "set train.save_every: null")
     if accelerator.is_main_process:
         _check_writable(output_dir)
     set_seed(t.seed)
@@ -244,11 +245,17 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
         model.enable_input_require_grads()
     delta = deltas.build(recipe.delta)
     delta.tokenizer = tokenizer
-    delta.attach(model, head=head, restoring=resume_from is not None)  # _restore loads the delta
+    delta.attach(model, head=head, restoring=resume_from is not None)
+    if resume_from is not None:  # into whole tensors, before any sharding; _restore does the rest
+        delta.load_state_dict(checkpoint.load(resume_from)[1])
     if data.packed:
         use_packed_attention(model)
     if accelerator.is_main_process:
         _check_space(output_dir, delta, t)
+    # train.fsdp: deltafit shards the model itself (FSDP2), before the optimizer is built on its parameters.
+    own_fsdp = t.fsdp and accelerator.num_processes > 1
+    if own_fsdp:
+        model = sharding.shard_model(model, accelerator, delta)
     # 4. Optimizer, schedule and loaders, then hand them all to Accelerate.
     collate = make_collator(tokenizer.pad_token_id, recipe.model.task)
     batches_per_process = math.ceil(math.ceil(len(data.train) / t.batch_size) / accelerator.num_processes)
@@ -260,7 +267,10 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
     eval_loader = None
     if data.eval:  # its own generator: creating an iterator must not draw from the global RNG (exact resume)
         eval_loader = DataLoader(data.eval, batch_size=t.batch_size, collate_fn=collate, generator=torch.Generator())
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if own_fsdp:  # already sharded: Accelerate must not wrap it in DDP
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     progress = Progress()
@@ -341,6 +351,7 @@ def _forward(model, delta, batch) -> torch.Tensor:
     from deltafit.loss import causal_lm_loss  # imported here: edit kept in _forward
 
     # Causal LMs: chunked loss, never the full fp32 logits (same value; other models: their own loss).
+    sharding.unshard(model)  # train.fsdp: prepare_inputs may use the input embeddings
     loss = causal_lm_loss(model, delta.prepare_inputs(dict(batch)))
     extra = delta.extra_loss()
     return loss if extra is None else loss + extra
@@ -365,10 +376,10 @@ def _clip(accelerator, delta, max_norm) -> Optional[float]:
     if not accelerator.sync_gradients:
         return None
     params = list(delta.trainable_parameters().values())
-    if max_norm is None:
-        norms = [p.grad.detach().norm() for p in params if p.grad is not None]
+    if max_norm is None:  # under train.fsdp a shard's norm is partial: `full` reduces it over the processes
+        norms = [sharding.full(p.grad.detach().norm()) for p in params if p.grad is not None]
         return float(torch.stack(norms).norm()) if norms else 0.0
-    return float(accelerator.clip_grad_norm_(params, max_norm))
+    return float(sharding.full(accelerator.clip_grad_norm_(params, max_norm)))
 
 
 def _nonfinite(loss: float, grad_norm: Optional[float], t) -> bool:
@@ -444,7 +455,9 @@ def _maybe_eval(run: Run) -> None:
     if run.eval_loader is None or not (step == run.total_steps or (every and step % every == 0)):
         return
     run.model.eval()
+    sharding.unshard(run.model)
     results = evaluate_loop(run.model, run.delta, run.eval_loader, run.recipe.model.task, run.accelerator)
+    sharding.reshard(run.model)  # train.fsdp: no backward frees the root's gathered parameters
     run.model.train()
     run.log.eval(step, results)
     _select(run, results)
@@ -576,18 +589,28 @@ def _save_step(run: Run) -> Path:
 
 
 def _save(run: Run, directory: Path, with_state: bool) -> Path:
-    """A checkpoint of the delta (+ trainer state for a step checkpoint); every process calls this."""
+    """A checkpoint of the delta (+ trainer state for a step checkpoint); every process calls this.
+    Under train.fsdp every process writes its slices of the optimizer state beside the checkpoint
+    (sharding.py); the main process moves them in before the checkpoint is marked complete."""
     accelerator, delta, progress = run.accelerator, run.delta, run.progress
     tensors = _delta_tensors(accelerator, run.model, delta, final=not with_state)  # every process takes part
     meta = checkpoint.metadata(run.recipe, delta, run.label_names, progress.step, progress.epoch)
-    state = None
-    if with_state and accelerator.is_main_process and not _sharded(accelerator):
-        state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                 "progress": progress.__dict__, "method": delta.schedule_state(), "selection": run.selection.state()}
-    return _write_checkpoint(run, directory, tensors, meta, state)
+    state, shards = None, ()
+    if with_state and not _sharded(accelerator):
+        optimizer, slices, layout = sharding.split_shards(run.optimizer.state_dict(), accelerator.process_index)
+        if _agree(accelerator, bool(slices), False)[0]:
+            shards = sharding.shard_files(sharding.staging_dir(directory), accelerator.num_processes)
+            try:
+                sharding.write_shards(shards[0].parent, accelerator.process_index, slices, layout)
+            except OSError:
+                pass  # the main process finds this shard missing: the checkpoint fails on every process
+        state = {"optimizer": optimizer, "scheduler": run.scheduler.state_dict(), "progress": progress.__dict__,
+                 "method": delta.schedule_state(), "selection": run.selection.state()}
+    return _write_checkpoint(run, directory, tensors, meta, state if accelerator.is_main_process else None, shards)
 
 
-def _write_checkpoint(run: Run, directory: Path, tensors: dict, meta: dict, state: Optional[dict] = None) -> Path:
+def _write_checkpoint(run: Run, directory: Path, tensors: dict, meta: dict, state: Optional[dict] = None,
+                      shards: tuple[Path, ...] = ()) -> Path:
     """Write a checkpoint from the main process; every process calls this and learns whether it failed."""
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
@@ -595,9 +618,12 @@ def _write_checkpoint(run: Run, directory: Path, tensors: dict, meta: dict, stat
     if accelerator.is_main_process:
         try:
             checkpoint.save(directory, meta, tensors, run.recipe.to_dict(), state,
-                            before_metadata=lambda tmp: run.hooks.during_save(run, tmp))
+                            before_metadata=lambda tmp: run.hooks.during_save(run, tmp), shard_files=shards)
         except UserError as e:
             failure = e
+        finally:
+            if shards:
+                shutil.rmtree(shards[0].parent, ignore_errors=True)
     # If the main process failed (disk full), every process must stop, not wait for it forever.
     if _agree(accelerator, failure is not None, False)[0]:
         raise failure or UserError(f"the main process could not write checkpoint '{directory}'")
@@ -612,7 +638,7 @@ def _sharded(accelerator) -> bool:
 def _delta_tensors(accelerator, model, delta, final: bool) -> dict:
     """The delta's full tensors. Under FSDP/DeepSpeed each process holds only a shard of every
     parameter, so they are gathered first (a collective: all processes call this)."""
-    own = delta.final_state_dict() if final else delta.state_dict()
+    own = sharding.full_tensors(delta.final_state_dict() if final else delta.state_dict())  # train.fsdp's shards
     if not _sharded(accelerator):
         return own
     from deltafit.deltas.base import HEAD_PREFIX
@@ -645,10 +671,10 @@ def _saved_labels(resume_from: Optional[Path]):
 
 
 def _restore(directory: Path, delta, optimizer, scheduler, accelerator, selection: Selection) -> Progress:
-    _, tensors = checkpoint.load(directory)
-    delta.load_state_dict(tensors)
+    """Trainer state from a step checkpoint (fit loaded the delta's tensors, before any sharding)."""
     state = checkpoint.load_trainer_state(directory)
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(state["optimizer"])  # whole tensors, whatever the checkpoint's number of processes
+    sharding.reshard_optimizer_state(optimizer)  # train.fsdp: each process keeps its slice
     scheduler.load_state_dict(state["scheduler"])
     delta.load_schedule_state(state["method"])
     selection.restore(state["selection"])
@@ -716,8 +742,8 @@ def _check_output_dir(output_dir: Path, resume_from: Optional[Path], overwrite: 
 # math or the data order (the saved position counts micro-batches of batch_size). lr, max_steps,
 # epochs, eval and logging may change (e.g. training longer), and so may grad_accum: resuming on
 # another number of processes changes it to keep the examples per optimizer step.
-RESUME_KEYS = ("delta", "model", "data.train", "data.columns", "data.format", "data.max_length", "data.packing",
-               "train.seed", "train.batch_size", "train.mixed_precision")
+RESUME_KEYS = ("delta", "model", "data.train", "data.columns", "data.delimiter", "data.prompt_template", "data.format",
+               "data.max_length", "data.packing", "train.seed", "train.batch_size", "train.mixed_precision")
 
 
 def _check_unchanged(resume_from: Path, recipe) -> None:
