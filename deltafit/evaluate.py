@@ -207,6 +207,9 @@ def _eval_data_spec(data_spec, data: Optional[str], split: Optional[str]):
         updates.update(eval_split=split, eval_fraction=0.0)
     spec = data_spec.model_copy(update=updates)
     scored = data or spec.eval or spec.train
+    if not isinstance(scored, str):  # a mixture of training sources: its splits are not one dataset's
+        raise UserError("the checkpoint trained on a mixture of sources (data.train is a list) and names no data.eval: "
+                        "pass --data FILE_OR_DATASET [--split NAME]")
     if split and Path(scored).suffix.lower() in LOCAL_EXTENSIONS:
         raise UserError(f"--split '{split}': '{scored}' is a single file with no named splits; leave --split out "
                         f"(or pass --data another file)")

@@ -239,14 +239,14 @@ def _until(ids: list[int], stops: set[int]) -> list[int]:
 
 def render_prompt(gen: Generator, text: str) -> list[str]:
     """The prompt pieces for one --prompt: the instruction of an alpaca example, the user message of a
-    one-turn chat, or raw text."""
-    from deltafit.data.formats import ALPACA_PROMPT_NO_INPUT
+    one-turn chat, or a completion prompt (through data.prompt_template when the recipe has one)."""
+    from deltafit.data.formats import ALPACA_PROMPT_NO_INPUT, render_completion_prompt
 
     if gen.data.format == "chat":
         return [_chat_prompt(gen.tokenizer, [{"role": "user", "content": text}])]
     if gen.data.format == "alpaca":
         return [ALPACA_PROMPT_NO_INPUT.format(instruction=text)]
-    return [text]
+    return [render_completion_prompt(text, gen.data)]
 
 
 def _chat_prompt(tokenizer, messages: list[dict]) -> str:
@@ -284,9 +284,10 @@ def table_rows(tokenizer, data_spec, rows, key: str, source: str) -> list[Row]:
 def _load_rows(path: str, spec):
     from deltafit.data.sources import HEADERLESS_EXTENSIONS, load_rows
 
-    # data.columns names a header-less CSV/TSV file's columns; other kinds of file carry their own names.
-    columns = spec.columns if Path(path).suffix.lower() in HEADERLESS_EXTENSIONS else None
-    return load_rows(path, key="data.eval", columns=columns)
+    # data.columns (and data.delimiter) describe a header-less CSV/TSV/TXT file; other files name their columns.
+    headerless = Path(path).suffix.lower() in HEADERLESS_EXTENSIONS
+    return load_rows(path, key="data.eval", columns=spec.columns if headerless else None,
+                     delimiter=spec.delimiter if headerless else None)
 
 
 # The column holding the reference answer, per format, and the prompt column that stands in for it
