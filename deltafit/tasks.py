@@ -1,7 +1,23 @@
 """Small tasks deltafit generates itself, so the quickstart needs no download and no copied data.
 
 `builtin:<name>` as a recipe's `data.train` (or `data.eval`) loads one of these. Rows are made by a
-seeded generator: the same rows on every machine.
+seeded generator (`random.Random(seed)` over fixed lists, nothing hash-ordered): the same rows on
+every machine.
+
+The quickstart task turns a sentence about a person into a JSON record. The point is a skill that
+transfers to sentences the generator never wrote, so the data is built to make the model *copy*
+what it reads rather than recall a short list:
+
+- names, cities and jobs are mostly composed from syllables and parts (odd ones like "Brevoltu
+  Quennick", "Port Dasrimo", "flurn inspector" next to real-looking ones), multi-word cities and
+  multi-word jobs included, so no value can be remembered;
+- many phrasings: fixed templates and sentences assembled from clauses in random order, so the
+  fields appear in every order;
+- missing fields: a sentence may leave out the age, the job, the city or the name.
+
+The record convention: always the four keys in the order name, age, job, city; `age` is an integer
+(the sentence writes it in digits); a field the sentence does not give is `null`. Every other value
+is copied verbatim from the sentence (`"job": "night-shift nurse"`, never a paraphrase).
 """
 
 from __future__ import annotations
@@ -9,38 +25,222 @@ from __future__ import annotations
 import json
 import random
 
-NAMES = ["Alice", "Bruno", "Chen", "Dalia", "Emeka", "Farah", "Goran", "Hana", "Ivan", "Jun", "Kofi", "Lena",
-         "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tara", "Umar", "Vera", "Wen", "Yusuf", "Zoe"]
-CITIES = ["Paris", "Lagos", "Lima", "Osaka", "Cairo", "Oslo", "Quito", "Seoul", "Dakar", "Porto", "Delhi", "Hanoi"]
-JOBS = ["engineer", "teacher", "nurse", "pilot", "chef", "farmer", "lawyer", "painter", "baker", "doctor"]
+PROMPT = "Person: {sentence}\nJSON:"
+
+# ---- vocabularies: parts to compose from, plus some real-looking whole values ------------------
+
+ONSETS = ["b", "br", "c", "ch", "d", "dr", "f", "fl", "g", "gr", "h", "j", "k", "kr", "l", "m", "n", "p", "pr",
+          "qu", "r", "s", "sh", "st", "t", "th", "tr", "v", "w", "y", "z", "zh", ""]
+VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou", "ia", "y", "ae", "oa"]
+CODAS = ["", "", "", "n", "r", "l", "s", "th", "m", "k", "x", "nd", "rt", "sk", "v", "tz"]
+REAL_FIRST = ["Alice", "Bruno", "Chen", "Dalia", "Emeka", "Farah", "Goran", "Hana", "Ivan", "Jun", "Kofi", "Lena",
+              "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tara", "Umar", "Vera", "Wen", "Yusuf",
+              "Zoe", "Aiko", "Bjorn", "Carmen", "Dmitri", "Esther", "Fatima", "Gustavo", "Helga", "Ingrid",
+              "Jamal", "Keiko", "Luis", "Mei", "Nikolai", "Olga", "Pablo", "Rahul", "Sofia", "Tomasz", "Yara"]
+REAL_LAST = ["Smith", "Garcia", "Nguyen", "Okafor", "Kowalski", "Tanaka", "Silva", "Haddad", "Novak", "Larsen",
+             "Mendez", "Kim", "Rossi", "Petrov", "Ali", "Fischer", "Dubois", "Mwangi", "O'Brien", "van Dijk"]
+REAL_CITIES = ["Paris", "Lagos", "Lima", "Osaka", "Cairo", "Oslo", "Quito", "Seoul", "Dakar", "Porto", "Delhi",
+               "Hanoi", "Buenos Aires", "Cape Town", "Kuala Lumpur", "Rio de Janeiro", "Ulaanbaatar", "Reykjavik",
+               "Nairobi", "Montreal", "Krakow", "Tbilisi", "Mombasa", "Valparaiso", "Salt Lake City", "Da Nang"]
+CITY_SHAPES = ["{X}", "{X}", "{X}", "{X}ville", "{X}burg", "{X}stad", "{X}ton", "Port {X}", "San {X}", "New {X}",
+               "{X} City", "{X} Falls", "Lake {X}", "{X} Springs", "Fort {X}", "{X}-on-Sea", "East {X}", "{X} Bay",
+               "St. {X}", "{X} Heights", "Upper {X}", "{X} Junction"]
+JOBS = ["engineer", "teacher", "nurse", "pilot", "chef", "farmer", "lawyer", "painter", "baker", "doctor",
+        "plumber", "electrician", "carpenter", "architect", "dentist", "librarian", "journalist", "firefighter",
+        "accountant", "mechanic", "surgeon", "translator", "photographer", "veterinarian", "welder", "tailor",
+        "cashier", "courier", "sailor", "florist", "butcher", "barber", "economist", "geologist", "chemist",
+        "biologist", "programmer", "designer", "editor", "poet", "dancer", "singer", "actor", "judge",
+        "midwife", "optician", "locksmith", "beekeeper", "glassblower", "cartographer", "astronomer",
+        "paramedic", "therapist", "sculptor", "jeweler", "potter", "fisherman", "miner", "zookeeper", "curator",
+        "analyst", "auditor", "consultant", "receptionist", "bartender", "janitor", "gardener", "surveyor",
+        "physicist", "statistician", "animator", "violinist", "drummer", "archivist", "blacksmith", "cobbler"]
+JOB_MODIFIERS = ["senior", "junior", "freelance", "retired", "head", "assistant", "chief", "night-shift",
+                 "part-time", "trainee", "marine", "software", "wedding", "pastry", "tax", "court", "dairy",
+                 "crane", "school", "museum", "forensic", "traveling"]
+ODD_JOB_HEADS = ["inspector", "technician", "operator", "repairer", "breeder", "tuner", "polisher", "keeper",
+                 "mixer", "grader", "fitter", "sorter"]
+
+
+def _word(rng: random.Random, syllables: tuple[int, int]) -> str:
+    parts = [rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(rng.randint(*syllables))]
+    return "".join(parts) + rng.choice(CODAS)
+
+
+def make_name(rng: random.Random) -> str:
+    first = rng.choice(REAL_FIRST) if rng.random() < 0.3 else _word(rng, (1, 3)).capitalize()
+    roll = rng.random()
+    if roll < 0.35:
+        return first
+    last = rng.choice(REAL_LAST) if rng.random() < 0.3 else _word(rng, (1, 3)).capitalize()
+    if roll < 0.42:
+        last += "-" + _word(rng, (1, 2)).capitalize()
+    elif roll < 0.48:
+        first += f" {rng.choice('ABCDEFGHJKLMNPRSTW')}."
+    return f"{first} {last}"
+
+
+def make_city(rng: random.Random) -> str:
+    if rng.random() < 0.2:
+        return rng.choice(REAL_CITIES)
+    city = rng.choice(CITY_SHAPES).replace("{X}", _word(rng, (1, 3)).capitalize())
+    if rng.random() < 0.08:
+        city += " " + _word(rng, (1, 2)).capitalize()
+    return city
+
+
+def make_job(rng: random.Random) -> str:
+    roll = rng.random()
+    if roll < 0.45:
+        return rng.choice(JOBS)
+    if roll < 0.75:
+        return f"{rng.choice(JOB_MODIFIERS)} {rng.choice(JOBS)}"
+    if roll < 0.9:
+        return f"{_word(rng, (1, 2))} {rng.choice(ODD_JOB_HEADS)}"
+    return f"{rng.choice(JOBS)} and {rng.choice(JOBS)}"
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0].lower() in "aeiou" else "a ") + word
+
+
+# ---- phrasings ---------------------------------------------------------------------------------
+# Whole templates, chosen among those naming exactly the fields a person has ({a_job}: "a nurse" /
+# "an engineer"). Sentences never start with a job or a city, so values keep their case verbatim.
 TEMPLATES = [
     "{name} is a {age}-year-old {job} from {city}.",
-    "Meet {name}, {age}, who works as a {job} in {city}.",
-    "{name} ({age}) lives in {city} and is a {job}.",
-    "In {city} there is a {job} called {name}, aged {age}.",
+    "Meet {name}, {age}, who works as {a_job} in {city}.",
+    "{name} ({age}) lives in {city} and is {a_job}.",
+    "In {city} there is {a_job} called {name}, aged {age}.",
+    "{name}, {age}, {job}, {city}.",
+    "Name: {name}. Age: {age}. Job: {job}. City: {city}.",
+    "{name} works in {city} as {a_job}; {name} is {age}.",
+    "At {age}, {name} moved to {city} to work as {a_job}.",
+    "Our new {job} is {name} ({age}), who comes from {city}.",
+    "{name} turned {age} last week. The {job} still lives in {city}.",
+    "Born in {city}, {name} is now {age} and works as {a_job}.",
+    "I met {name} in {city}: {a_job}, {age} years old.",
+    "{name} is {a_job} in {city}.",
+    "{name} works as {a_job} and lives in {city}.",
+    "From {city}, {name} earns a living as {a_job}.",
+    "{name} is {age} and lives in {city}.",
+    "{name}, aged {age}, is from {city}.",
+    "{name} is a {age}-year-old {job}.",
+    "{name} ({age}) works as {a_job}.",
+    "{name} lives in {city}.",
+    "{name} is {a_job}.",
+    "{name} is {age} years old.",
+    "A {age}-year-old {job} from {city} called in.",
+    "Someone from {city} who works as {a_job} wrote to us.",
+    "An unnamed {job}, {age}, was seen in {city}.",
+    "A {job} in {city} asked for help.",
+    "The {job} {name} ({age}) lives in {city}.",
+    "The {job} {name} comes from {city}.",
+    "{name} is {age}. They work as {a_job} in {city}.",
+    "{name} is {age}. They live in {city}.",
+    "{name}, {a_job} aged {age}, has an office in {city}.",
+    "We hired {name} from {city} as our {job}.",
 ]
+# Sometimes a sentence says more than the record holds: the model must leave it out.
+ASIDES = [" They like chess.", " They have two cats.", " They moved there in 2014.", " Nobody knows why.",
+          " They play the cello on weekends.", " Their sister is 12.", " They have done it for 9 years.",
+          " It was raining.", " They speak three languages."]
+SUBJECT_CLAUSES = {  # clause shapes for sentences assembled in random order
+    "age": ["is {age}", "is {age} years old", "aged {age}", "turned {age} this year", "age {age}"],
+    "job": ["works as {a_job}", "is {a_job}", "has a job as {a_job}", "is employed as {a_job}",
+            "trained as {a_job}"],
+    "city": ["lives in {city}", "is from {city}", "is based in {city}", "comes from {city}", "resides in {city}",
+             "grew up in {city}"],
+}
+NAMELESS_SUBJECTS = ["Someone", "A person", "One applicant", "A visitor"]
 
 
-def person_to_json(n: int, seed: int) -> list[dict]:
-    """Turn a sentence about a person into a fixed JSON record (prompt/completion rows).
+def _fields(template: str) -> frozenset[str]:
+    return frozenset(f for f in ("name", "age", "job", "city") if "{" + f + "}" in template
+                     or (f == "job" and "{a_job}" in template))
 
-    Prompts are short on purpose: on 2 CPU cores every token costs, and the quickstart must
-    show learning in about a minute of training.
+
+TEMPLATES_BY_FIELDS: dict[frozenset[str], list[str]] = {}
+for _t in TEMPLATES:
+    TEMPLATES_BY_FIELDS.setdefault(_fields(_t), []).append(_t)
+
+
+def _assembled(rng: random.Random, person: dict, values: dict) -> str:
+    """Subject, then the clauses of the present fields in random order: "X lives in Y, is 34 and ..."."""
+    present = [f for f in ("age", "job", "city") if person[f] is not None]
+    rng.shuffle(present)
+    clauses = [rng.choice(SUBJECT_CLAUSES[f]) for f in present]
+    subject = "{name}" if person["name"] is not None else rng.choice(NAMELESS_SUBJECTS)
+    if len(clauses) == 1:
+        body = clauses[0]
+    else:
+        body = ", ".join(clauses[:-1]) + rng.choice([" and ", ", and ", ", "]) + clauses[-1]
+    return (f"{subject} {body}" + rng.choice([".", ".", ".", "!"])).format(**values)
+
+
+def _labeled(rng: random.Random, person: dict) -> str:
+    """The present fields as labels in random order: "city: Oslo; name: Ana; age: 34"."""
+    present = [f for f in ("name", "age", "job", "city") if person[f] is not None]
+    rng.shuffle(present)
+    labels = {"name": ["name", "Name", "who"], "age": ["age", "Age"], "job": ["job", "Job", "occupation"],
+              "city": ["city", "City", "lives in", "home"]}
+    return rng.choice(["; ", ", ", " | "]).join(f"{rng.choice(labels[f])}: {person[f]}" for f in present)
+
+
+def make_person(rng: random.Random) -> dict:
+    person = {"name": make_name(rng), "age": rng.randint(18, 95), "job": make_job(rng), "city": make_city(rng)}
+    for field, p in (("age", 0.15), ("job", 0.15), ("city", 0.15), ("name", 0.06)):
+        if rng.random() < p:
+            person[field] = None
+    if sum(v is not None for v in person.values()) < 2:  # at least two facts
+        person["name"] = make_name(rng)
+        person["city"] = person["city"] or make_city(rng)
+    return person
+
+
+def make_sentence(rng: random.Random, person: dict) -> str:
+    present = frozenset(f for f, v in person.items() if v is not None)
+    templates = TEMPLATES_BY_FIELDS.get(present, [])
+    values = {f: v for f, v in person.items() if v is not None}
+    if "job" in values:
+        values["a_job"] = _a(values["job"])
+    roll = rng.random()
+    if roll < 0.1:
+        return _labeled(rng, person)
+    if not templates or roll < 0.45:
+        sentence = _assembled(rng, person, values)
+    else:
+        sentence = rng.choice(templates).format(**values)
+    return sentence + rng.choice(ASIDES) if rng.random() < 0.15 else sentence
+
+
+def person_to_json(n: int, seed: int, exclude: frozenset = frozenset()) -> list[dict]:
+    """Sentences about people and their JSON records (prompt/completion rows); see the module docstring.
+
+    Prompts are short on purpose: on 2 CPU cores every token costs. Prompts in `exclude` are
+    skipped (so eval sentences are never training sentences).
     """
     rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        person = {"name": rng.choice(NAMES), "age": rng.randint(18, 80), "job": rng.choice(JOBS),
-                  "city": rng.choice(CITIES)}
-        sentence = rng.choice(TEMPLATES).format(**person)
-        rows.append({"prompt": f"Person: {sentence}\nJSON:", "completion": " " + json.dumps(person)})
+    rows, seen = [], set(exclude)
+    while len(rows) < n:
+        person = make_person(rng)
+        prompt = PROMPT.format(sentence=make_sentence(rng, person))
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        rows.append({"prompt": prompt, "completion": " " + json.dumps(person)})
     return rows
+
+
+def person_to_json_eval(n: int, seed: int) -> list[dict]:
+    """Like `person_to_json`, minus every sentence of builtin:quickstart."""
+    train_make, train_n, train_seed = BUILTIN["quickstart"]
+    return person_to_json(n, seed, frozenset(r["prompt"] for r in train_make(train_n, train_seed)))
 
 
 # name -> (generator, rows, seed). Train and eval use different seeds, so eval rows are unseen sentences.
 BUILTIN = {
     "quickstart": (person_to_json, 512, 0),
-    "quickstart-eval": (person_to_json, 64, 1),
+    "quickstart-eval": (person_to_json_eval, 64, 1),
 }
 
 

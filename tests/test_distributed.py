@@ -46,11 +46,17 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+def write_sums(path: Path) -> Path:
+    """24 alpaca rows "Add i and i+1." -> 2i+1: the data the multi-process tests train on."""
+    rows = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": str(2 * i + 1)} for i in range(24)]
+    path.write_text(json.dumps(rows))
+    return path
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_llama):
     tmp = tmp_path_factory.mktemp("distributed")
-    rows = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": str(2 * i + 1)} for i in range(24)]
-    (tmp / "alpaca.json").write_text(json.dumps(rows))
+    write_sums(tmp / "alpaca.json")
     recipe = write_recipe(tmp / "r.yaml", tiny_llama,
                           {"train": str(tmp / "alpaca.json"), "format": "alpaca", "max_length": 200},
                           train={"max_steps": 6, "batch_size": 2, "grad_accum": 1, "save_every": 3, "lr": 5e-3,

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from deltafit.errors import UserError
 from tests.helpers import write_recipe
-from tests.test_distributed import deltafit, max_diff, tensors
+from tests.test_distributed import deltafit, max_diff, tensors, write_sums
 
 TOLERANCE = 1e-5
 
@@ -31,8 +31,7 @@ TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_llama):
     tmp = tmp_path_factory.mktemp("fsdp")
-    rows = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": str(2 * i + 1)} for i in range(24)]
-    (tmp / "alpaca.json").write_text(json.dumps(rows))
+    write_sums(tmp / "alpaca.json")
     # 24 rows, 2 per micro-batch, 2 processes x 2 accumulated: 3 steps an epoch, so 6 steps cross an
     # epoch and the step-2 checkpoint sits in the middle of one.
     recipe = write_recipe(tmp / "r.yaml", tiny_llama,

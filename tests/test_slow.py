@@ -34,15 +34,28 @@ def glue(task: str, capsys) -> tuple[list[str], bool]:
     return [arg for key, value in keys.items() for arg in ("--set", f"data.{key}={value}")], local
 
 
-def test_quickstart_improves_held_out_loss(tmp_path, capsys):
+def test_quickstart_learns_to_write_the_records(tmp_path, capsys):
+    """The quickstart as the README runs it: train, then loss and generated records on the 64 unseen
+    sentences, base vs trained; then generate, report and the hand-written held-out sentences."""
     out = tmp_path / "quickstart"
     code, _, err = run_cli(capsys, "train", ROOT / "recipes" / "quickstart.yaml", "--output", out)
     assert code == 0, err
-    assert run_cli(capsys, "eval", out / "final")[0] == 0
-    assert run_cli(capsys, "eval", out / "final", "--base")[0] == 0
+    scored = ("--generate", "--metrics", "exact_match,json", "--max-new-tokens", "48")
+    assert run_cli(capsys, "eval", out / "final", *scored)[0] == 0
+    assert run_cli(capsys, "eval", out / "final", "--base", *scored)[0] == 0
     tuned = json.loads((out / "final-eval.json").read_text())
     base = json.loads((out / "final-eval-base.json").read_text())
     assert tuned["loss"] < 0.5 * base["loss"], (tuned, base)
+    assert tuned["gen_examples"] == 64 and tuned["gen_json_valid"] > 0.9, tuned
+    assert tuned["gen_json_exact"] > base["gen_json_exact"] + 0.4, (tuned, base)
+    code, answer, err = run_cli(capsys, "generate", out / "final", "--max-new-tokens", "48",
+                                "--prompt", "Person: Odalys Quent, 41, repairs clocks in Varnemo.\nJSON:")
+    assert code == 0 and json.loads(answer)["name"] == "Odalys Quent", answer + err
+    heldout = ROOT / "tests" / "fixtures" / "quickstart_heldout.jsonl"
+    assert run_cli(capsys, "eval", out / "final", "--data", heldout, *scored, "-o", tmp_path / "heldout.json")[0] == 0
+    assert json.loads((tmp_path / "heldout.json").read_text())["gen_json_exact"] > 0.4
+    code, printed, err = run_cli(capsys, "report", out)
+    assert code == 0 and (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", err
 
 
 def test_dequantized_gguf_matches_transformers_gguf_load():
@@ -86,3 +99,51 @@ def test_sst2_recipe_runs_unchanged_on_rte_pairs(tmp_path, capsys):
     meta = json.loads((tmp_path / "rte" / "final" / "deltafit.json").read_text())
     # The GLUE distribution's TSVs spell the labels out; the hub dataset stores them as class ids.
     assert meta["label_names"] == (["entailment", "not_entailment"] if local else ["0", "1"])
+
+
+def test_e2e_recipe_trains_and_is_scored_with_bleu_and_rouge(tmp_path, capsys):
+    """recipes/e2e-nlg.yaml on SmolLM2 for a few steps, then BLEU/ROUGE-L of generated sentences; the
+    shared E2E files when present, else the tiny fixture in the same `MR||reference` layout."""
+    folder = SHARED_DATA / "e2e_nlg"
+    files = ([folder / "valid.txt", folder / "test.txt"] if (folder / "test.txt").is_file()
+             else [ROOT / "tests" / "fixtures" / "e2e_nlg_tiny.txt"] * 2)
+    code, _, err = run_cli(capsys, "train", ROOT / "recipes" / "e2e-nlg.yaml", "--output", tmp_path / "e2e",
+                           "--set", f"data.train={files[0]}", "--set", f"data.eval={files[1]}",
+                           "--set", "train.max_steps=3", "--set", "train.eval_every=null",
+                           "--set", "log.progress=false")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "eval", tmp_path / "e2e", "--generate", "--metrics", "bleu,rouge",
+                           "--max-examples", "4", "--max-new-tokens", "32")
+    assert code == 0, err
+    result = json.loads((tmp_path / "e2e" / "final-eval.json").read_text())
+    assert 1 <= result["gen_examples"] <= 4 and 0 <= result["gen_bleu"] <= 100
+    assert 0 < result["gen_rougeL"] <= 1, result  # the sentences share words with their inputs' references
+    predictions = (tmp_path / "e2e" / "final-eval-predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == result["gen_examples"] and all(json.loads(p)["references"] for p in predictions)
+
+
+def test_compare_two_methods_on_minilm_sst2(tmp_path, capsys):
+    data, _ = glue("sst2", capsys)
+    code, printed, err = run_cli(
+        capsys, "compare", ROOT / "recipes" / "glue-sst2-minilm-lora.yaml", "--methods", "lora,bitfit", *data,
+        "--set", "train.max_steps=10", "--set", "data.max_eval_examples=64", "--set", "train.eval_every=null",
+        "--set", "log.progress=false", "-o", tmp_path / "compare")
+    assert code == 0, err
+    rows = {row["method"]: row for row in json.loads((tmp_path / "compare" / "compare.json").read_text())["runs"]}
+    assert set(rows) == {"lora", "bitfit"} and all(row["status"] == "done" for row in rows.values()), rows
+    assert rows["bitfit"]["trainable"] < rows["lora"]["trainable"]
+    assert (tmp_path / "compare" / "metric_vs_trainable.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_minilm_pooling_choices_train_and_reload(tmp_path, capsys, pooling):
+    data, _ = glue("sst2", capsys)
+    code, _, err = run_cli(
+        capsys, "train", ROOT / "recipes" / "glue-sst2-minilm-lora.yaml", "--output", tmp_path / "run", *data,
+        "--set", f"model.pooling={pooling}", "--set", "train.max_steps=5", "--set", "data.max_eval_examples=32",
+        "--set", "train.eval_every=5", "--set", "log.progress=false", "--set", "log.jsonl=true")
+    assert code == 0, err
+    assert run_cli(capsys, "eval", tmp_path / "run")[0] == 0  # rebuilt with the recorded pooling
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    in_training = next(r["eval_accuracy"] for r in logged if "eval_accuracy" in r)
+    assert json.loads((tmp_path / "run" / "final-eval.json").read_text())["accuracy"] == in_training
