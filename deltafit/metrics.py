@@ -36,9 +36,11 @@ class MetricsLog:
         if self.bar:
             self.bar.start()
 
-    def announce(self, delta, stats: dict, total_steps: int, resume_from) -> None:
+    def announce(self, delta, stats: dict, total_steps: int, resume_from, precision_line: str = "") -> None:
         if not self.main:
             return
+        if precision_line:
+            console.print(precision_line)
         trainable = sum(p.numel() for p in delta.trainable_parameters().values())
         total = sum(p.numel() for p in delta.model.parameters())
         console.print(f"[bold]{delta.name}[/]: {trainable:,} trainable / {total:,} parameters "

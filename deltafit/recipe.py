@@ -222,8 +222,10 @@ class TrainSpec(Section):
     )
     seed: int = Field(42, ge=0, lt=2**32, description="Seed for initialization, data order and dropout "
                       "(0 to 2**32 - 1, the range every random generator involved accepts).")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        "no", description="Autocast precision of the forward/backward pass.",
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="Autocast precision of the forward/backward pass (master weights and optimizer stay "
+        "fp32). auto: bf16 where the hardware runs it natively (a CUDA GPU with bf16; a CPU with AMX or AVX-512 "
+        "BF16), else fp32; the first log line says which and why. no: fp32. fp16: with loss scaling (GPUs).",
     )
     eval_every: Optional[int] = Field(None, ge=1, description="Evaluate every N steps (and always at the end).")
     early_stopping: Optional[EarlyStopping] = Field(
@@ -276,7 +278,7 @@ class TrainSpec(Section):
         if value is False:
             return "no"
         if value is True:
-            raise ValueError("true is not a precision; use 'no', 'bf16' or 'fp16'")
+            raise ValueError("true is not a precision; use 'auto', 'no', 'bf16' or 'fp16'")
         return value
 
 

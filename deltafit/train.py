@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from deltafit import checkpoint, deltas, sharding
+from deltafit import checkpoint, deltas, precision, sharding
 from deltafit.allocator import tune_glibc
 from deltafit.data import batch_tokens, make_collator, prepare_data, resolve_packing, use_packed_attention
 from deltafit.errors import Interrupted, UserError
@@ -199,7 +199,9 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
     tune_glibc()  # under glibc's malloc, large tensors get their own mmap (a no-op under tcmalloc: allocator.py)
     # 1. Accelerate: precision, accumulation and (when launched so) several processes.
     _forget_single_process_state()
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+    # auto (the default) is bf16 where the hardware has native bf16 matmuls, else fp32: precision.py
+    mixed_precision, precision_why = precision.resolve(t.mixed_precision)
+    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=t.grad_accum,
                               # Without a GPU, Accelerate only goes multi-process (gloo) when told cpu=True.
                               cpu=not torch.accelerator.is_available(),
                               log_with=recipe.log.trackers or None, project_dir=str(output_dir),
@@ -277,7 +279,7 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
     if resume_from is not None:
         progress = _restore(resume_from, delta, optimizer, scheduler, accelerator, selection)
     log = MetricsLog(output_dir, accelerator, recipe, total_steps, start_step=progress.step)
-    log.announce(delta, data.stats, total_steps, resume_from)
+    log.announce(delta, data.stats, total_steps, resume_from, precision.line(mixed_precision, precision_why))
     hooks = hooks or (_installed_hooks[-1] if _installed_hooks else TrainHooks())
     run = Run(recipe, accelerator, model, delta, optimizer, scheduler, data.train, collate, eval_loader, progress,
               total_steps, log, output_dir, data.label_names, hooks, selection)
@@ -319,8 +321,8 @@ def _loop(run: Run) -> None:
                         continue
                     # The last micro-batch of an optimizer step: gradients are complete.
                     grad_norm = _clip(accelerator, delta, t.max_grad_norm)
-                    bad, stop_requested = _agree(accelerator, _nonfinite(run.log.pending_loss(), grad_norm, t),
-                                                 stop.requested)
+                    nonfinite = _nonfinite(run.log.pending_loss(), grad_norm, accelerator.mixed_precision)
+                    bad, stop_requested = _agree(accelerator, nonfinite, stop.requested)
                     if bad:
                         _on_nonfinite(run, grad_norm)
                     else:
@@ -382,10 +384,10 @@ def _clip(accelerator, delta, max_norm) -> Optional[float]:
     return float(sharding.full(accelerator.clip_grad_norm_(params, max_norm)))
 
 
-def _nonfinite(loss: float, grad_norm: Optional[float], t) -> bool:
+def _nonfinite(loss: float, grad_norm: Optional[float], mixed_precision: str) -> bool:
     """A NaN/inf loss, or gradient norm. Under fp16 the grad scaler skips inf gradients itself (that
     is how it calibrates its scale), so there only the loss counts."""
-    grads_count = t.mixed_precision != "fp16" and grad_norm is not None
+    grads_count = mixed_precision != "fp16" and grad_norm is not None
     return not math.isfinite(loss) or (grads_count and not math.isfinite(grad_norm))
 
 

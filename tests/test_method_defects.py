@@ -198,11 +198,11 @@ def test_cli_trains_lora_with_dropout_under_bf16(tmp_path, tiny_llama, alpaca_fi
 BASE = "model: {name: some/model}\ndata: {train: rows.json}\n"
 
 
-@pytest.mark.parametrize("written", ["no", "false", "off", "No", "'no'", "bf16", "fp16"])
+@pytest.mark.parametrize("written", ["no", "false", "off", "No", "'no'", "bf16", "fp16", "auto"])
 def test_mixed_precision_accepts_yaml_booleans_for_no(tmp_path, written):
     path = tmp_path / "r.yaml"
     path.write_text(BASE + f"train:\n  mixed_precision: {written}\n")
-    expected = written.strip("'") if written.strip("'") in ("bf16", "fp16") else "no"
+    expected = written.strip("'") if written.strip("'") in ("bf16", "fp16", "auto") else "no"
     assert load_recipe(path).train.mixed_precision == expected
 
 
@@ -217,4 +217,4 @@ def test_mixed_precision_true_is_refused_naming_the_choices(tmp_path, capsys, wr
     path = tmp_path / "r.yaml"
     path.write_text(BASE + f"train:\n  mixed_precision: {written}\n")
     code, _, err = run_cli(capsys, "validate", path)
-    assert_one_clean_line(code, err, "train.mixed_precision", "'no'", "'bf16'", "'fp16'")
+    assert_one_clean_line(code, err, "train.mixed_precision", "'auto'", "'no'", "'bf16'", "'fp16'")

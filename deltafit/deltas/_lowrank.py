@@ -33,7 +33,7 @@ class LowRankUpdate(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.A.dtype)
+        x = delta_input(x, self.A.dtype)
         if _lean_dropout_applies(self.dropout, x):
             down = _DroppedDownProjection.apply(x, *_draw_noise(self.dropout.p, x), self.A)
         else:
@@ -55,6 +55,15 @@ class LowRankUpdate(nn.Module):
             _replace_weight(linear, torch.addmm(weight, left, right, alpha=self.scale))
         else:
             fold_into(linear, self.delta_weight())
+
+
+def delta_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as a delta path's matmuls take it: in the delta's own dtype (fp32), except under autocast.
+
+    There the matmuls run in the autocast dtype whatever x's, so lifting a bf16 x to fp32 first
+    would only add a copy each way (and two more in backward) per adapted layer, for the same
+    result (bf16 -> fp32 -> bf16 is exact)."""
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(dtype)
 
 
 def _lean_dropout_applies(dropout: nn.Module, x: torch.Tensor) -> bool:
@@ -255,7 +264,7 @@ class SpectralUpdate(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        code = self.dropout(x.to(self.A.dtype) @ self.A.t())
+        code = self.dropout(delta_input(x, self.A.dtype) @ self.A.t())
         return (code @ self.S.t()) @ self.b_matrix().t() * self.scale
 
     def b_matrix(self) -> torch.Tensor:
