@@ -8,9 +8,10 @@ The quickstart task turns a sentence about a person into a JSON record. The poin
 transfers to sentences the generator never wrote, so the data is built to make the model *copy*
 what it reads rather than recall a short list:
 
-- names, cities and jobs are mostly composed from syllables and parts (odd ones like "Brevoltu
-  Quennick", "Port Dasrimo", "flurn inspector" next to real-looking ones), multi-word cities and
-  multi-word jobs included, so no value can be remembered;
+- names, cities and jobs are mostly composed from syllables, everyday words and parts (odd ones
+  like "Brevoltu Quennick", "Port Dasrimo", "flurn inspector", "Copperfield", "lantern maker" next
+  to real ones), multi-word cities and multi-word jobs included, so no value can be remembered and
+  the model learns to re-spell the words it reads (see WORDS);
 - many phrasings: fixed templates and sentences assembled from clauses in random order, so the
   fields appear in every order;
 - missing fields: a sentence may leave out the age, the job, the city or the name.
@@ -61,17 +62,48 @@ ODD_JOB_HEADS = ["inspector", "technician", "operator", "repairer", "breeder", "
                  "mixer", "grader", "fitter", "sorter"]
 
 
+# Everyday English words, used whole inside names, cities and jobs ("Stone", "Copperfield", "glass
+# polisher"). A sentence holds them as space-led tokens (" Stone") while the JSON string spells them
+# without the space ("Stone"), which the model has to learn as a skill: re-spelling a word it reads,
+# not just echoing syllables. Common nouns only (no personal names).
+WORDS = ("amber apple arrow ash aspen autumn badger barley basket bay beacon bean bear bell berry birch bird "
+         "blossom bone book bramble brass bread brick bridge brook broom brush bucket button cable candle canyon "
+         "canvas carpet castle cedar chalk cherry cider clay cliff cloud clover coal cobalt coffee comet copper "
+         "coral corn cotton crane creek crow crystal daisy dawn deer desert dove dragon drum dune eagle ember "
+         "falcon feather fern field finch flint forest fountain fox frost garden garnet ginger glacier glass "
+         "glove gold granite grape gravel hammer harvest hawk hazel heather hill holly honey horizon iron ivory "
+         "ivy jade juniper kettle lantern lark laurel leaf lemon lily linen maple marble meadow mill mint "
+         "mirror moss mountain needle nickel nut oak oat ocean olive onion orchard otter owl paper pearl pebble "
+         "pepper pine plum pond poppy quarry quartz rabbit rain raven reed ribbon ridge river robin rope rose "
+         "rust saddle sage salt sand scarlet shadow shell silk silver slate snow sparrow spice spring spruce "
+         "star steel stone storm straw stream sugar summer swan thistle thorn thunder timber tin tulip velvet "
+         "violet walnut water wheat willow wind winter wolf wool wren").split()
+WORD_CITY_ENDS = ["field", "ford", "wood", "bridge", "mouth", "brook", "dale", "haven", "gate", "hollow", "moor",
+                  "port", "wick", "stead", "cliff", "well"]
+WORD_JOB_HEADS = ["maker", "seller", "cutter", "carver", "grower", "trader", "smith", "picker", "merchant",
+                  "collector", "painter", "tester", "buyer", "weaver"]
+
+
 def _word(rng: random.Random, syllables: tuple[int, int]) -> str:
     parts = [rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(rng.randint(*syllables))]
     return "".join(parts) + rng.choice(CODAS)
 
 
+def _name_part(rng: random.Random, real: list[str]) -> str:
+    roll = rng.random()
+    if roll < 0.25:
+        return rng.choice(real)
+    if roll < 0.45:
+        return rng.choice(WORDS).capitalize()  # "River", "Stone"
+    return _word(rng, (1, 3)).capitalize()
+
+
 def make_name(rng: random.Random) -> str:
-    first = rng.choice(REAL_FIRST) if rng.random() < 0.3 else _word(rng, (1, 3)).capitalize()
+    first = _name_part(rng, REAL_FIRST)
     roll = rng.random()
     if roll < 0.35:
         return first
-    last = rng.choice(REAL_LAST) if rng.random() < 0.3 else _word(rng, (1, 3)).capitalize()
+    last = _name_part(rng, REAL_LAST)
     if roll < 0.42:
         last += "-" + _word(rng, (1, 2)).capitalize()
     elif roll < 0.48:
@@ -80,8 +112,12 @@ def make_name(rng: random.Random) -> str:
 
 
 def make_city(rng: random.Random) -> str:
-    if rng.random() < 0.2:
+    roll = rng.random()
+    if roll < 0.2:
         return rng.choice(REAL_CITIES)
+    if roll < 0.4:  # "Copperfield", "Port Willow"
+        word = rng.choice(WORDS).capitalize()
+        return word + rng.choice(WORD_CITY_ENDS) if rng.random() < 0.5 else rng.choice(CITY_SHAPES).replace("{X}", word)
     city = rng.choice(CITY_SHAPES).replace("{X}", _word(rng, (1, 3)).capitalize())
     if rng.random() < 0.08:
         city += " " + _word(rng, (1, 2)).capitalize()
@@ -94,8 +130,11 @@ def make_job(rng: random.Random) -> str:
         return rng.choice(JOBS)
     if roll < 0.75:
         return f"{rng.choice(JOB_MODIFIERS)} {rng.choice(JOBS)}"
-    if roll < 0.9:
+    if roll < 0.82:
         return f"{_word(rng, (1, 2))} {rng.choice(ODD_JOB_HEADS)}"
+    if roll < 0.94:  # "glass polisher", "lantern maker", "saltmaker"
+        word, head = rng.choice(WORDS), rng.choice(ODD_JOB_HEADS + WORD_JOB_HEADS)
+        return word + head if head in WORD_JOB_HEADS and rng.random() < 0.3 else f"{word} {head}"
     return f"{rng.choice(JOBS)} and {rng.choice(JOBS)}"
 
 
@@ -139,7 +178,28 @@ TEMPLATES = [
     "{name} is {age}. They live in {city}.",
     "{name}, {a_job} aged {age}, has an office in {city}.",
     "We hired {name} from {city} as our {job}.",
+    # sentences that open with the city (kept capitalized, so copying stays verbatim)
+    "{city} resident {name}, {age}, works as {a_job}.",
+    "{city} is where {name} lives; {name} is {a_job}.",
+    "{city}: {name}, {age}, {job}.",
+    "{city} has a new {job}: {name}, aged {age}.",
+    "{city} native {name} is {age}.",
+    "{city}-based {job} {name} is {age} years old.",
+    "{name} of {city} is {age}.",
+    "{name} of {city} works as {a_job}.",
+    "Everyone in {city} knows {name}, the {job}.",
 ]
+# Pronouns for a second sentence about the same person ({name} is 34. She works as ...).
+PRONOUNS = [("He", "works", "lives", "is"), ("She", "works", "lives", "is"), ("They", "work", "live", "are")]
+SECOND_SENTENCES = {  # a first sentence names the person; a second, with a pronoun, gives the rest
+    frozenset({"job", "city"}): ["{P} {work} as {a_job} in {city}.", "{P} {be} {a_job} and {live} in {city}."],
+    frozenset({"job"}): ["{P} {work} as {a_job}.", "{P} {be} {a_job}."],
+    frozenset({"city"}): ["{P} {live} in {city}.", "{P} {be} from {city}."],
+}
+# Numbers that are not the age: the model must not take them for one.
+NUMBER_ASIDES = [" They have {n} children.", " They moved there in {year}.", " They have done it since {year}.",
+                 " They have worked there for {n} years.", " Their office is in room {room}.",
+                 " They own {n} bicycles."]
 # Sometimes a sentence says more than the record holds: the model must leave it out.
 ASIDES = [" They like chess.", " They have two cats.", " They moved there in 2014.", " Nobody knows why.",
           " They play the cello on weekends.", " Their sister is 12.", " They have done it for 9 years.",
@@ -206,11 +266,35 @@ def make_sentence(rng: random.Random, person: dict) -> str:
     roll = rng.random()
     if roll < 0.1:
         return _labeled(rng, person)
-    if not templates or roll < 0.45:
+    if roll < 0.22 and person["name"] is not None and (person["job"] or person["city"]):
+        sentence = _two_sentences(rng, person, values)
+    elif not templates or roll < 0.5:
         sentence = _assembled(rng, person, values)
     else:
         sentence = rng.choice(templates).format(**values)
-    return sentence + rng.choice(ASIDES) if rng.random() < 0.15 else sentence
+    return _aside(rng, person, sentence)
+
+
+def _two_sentences(rng: random.Random, person: dict, values: dict) -> str:
+    """"Ana Ruiz is 34. She works as a nurse in Oslo.": the second sentence refers back with a pronoun."""
+    first = "{name} is {age}." if person["age"] is not None else rng.choice(["Meet {name}.", "This is {name}."])
+    pronoun, work, live, be = rng.choice(PRONOUNS)
+    rest = frozenset(f for f in ("job", "city") if person[f] is not None)
+    second = rng.choice(SECOND_SENTENCES[rest])
+    return f"{first} {second}".format(P=pronoun, work=work, live=live, be=be, **values)
+
+
+def _aside(rng: random.Random, person: dict, sentence: str) -> str:
+    """Sometimes a sentence says more than the record holds (a hobby, a number that is not the age)."""
+    roll = rng.random()
+    if roll < 0.1:
+        return sentence + rng.choice(ASIDES)
+    if roll < 0.2:
+        n, year, room = rng.randint(2, 9), rng.randint(1975, 2024), rng.randint(100, 999)
+        aside = rng.choice(NUMBER_ASIDES).format(n=n, year=year, room=room)
+        if person["age"] is None or str(person["age"]) not in aside:  # the age stays the only such number
+            return sentence + aside
+    return sentence
 
 
 def person_to_json(n: int, seed: int, exclude: frozenset = frozenset()) -> list[dict]:

@@ -51,9 +51,11 @@ def test_quickstart_learns_to_write_the_records(tmp_path, capsys):
     code, answer, err = run_cli(capsys, "generate", out / "final", "--max-new-tokens", "48",
                                 "--prompt", "Person: Odalys Quent, 41, repairs clocks in Varnemo.\nJSON:")
     assert code == 0 and json.loads(answer)["name"] == "Odalys Quent", answer + err
-    heldout = ROOT / "tests" / "fixtures" / "quickstart_heldout.jsonl"
-    assert run_cli(capsys, "eval", out / "final", "--data", heldout, *scored, "-o", tmp_path / "heldout.json")[0] == 0
-    assert json.loads((tmp_path / "heldout.json").read_text())["gen_json_exact"] > 0.4
+    for heldout in ("quickstart_heldout.jsonl", "quickstart_heldout2.jsonl"):  # hand-written, unlike the generator
+        result = tmp_path / f"{heldout}.json"
+        assert run_cli(capsys, "eval", out / "final", "--data", ROOT / "tests" / "fixtures" / heldout, *scored,
+                       "-o", result)[0] == 0
+        assert json.loads(result.read_text())["gen_json_exact"] > 0.6, heldout
     code, printed, err = run_cli(capsys, "report", out)
     assert code == 0 and (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", err
 

@@ -9,7 +9,9 @@ from deltafit.errors import UserError
 from deltafit.tasks import BUILTIN, JOBS, PROMPT, REAL_CITIES, REAL_FIRST, REAL_LAST, load_builtin
 
 KEYS = ["name", "age", "job", "city"]
-HELDOUT = Path(__file__).parent / "fixtures" / "quickstart_heldout.jsonl"
+# Hand-written sentences for scripts/quickstart_heldout.py. The second file was written after the
+# generator's phrasings and the recipe were tuned against the first, so it is unseen by both.
+HELDOUT = [Path(__file__).parent / "fixtures" / f"quickstart_heldout{n}.jsonl" for n in ("", "2")]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def test_same_rows_every_time(train, evaluation):
     assert load_builtin("quickstart") == train and load_builtin("quickstart-eval") == evaluation
     assert (len(train), len(evaluation)) == (512, 64)
     # pinned: a change of generator (or of Python's random) shows here, not as a silently different quickstart
-    assert train[0]["prompt"] == "Person: The carpenter Cuourt Shykriar comes from San Grufoadaex.\nJSON:"
+    assert train[0]["prompt"] == "Person: Everyone in San Grufoadaex knows Cuourt Shykriar, the carpenter.\nJSON:"
 
 
 def test_eval_sentences_are_not_training_sentences(train, evaluation):
@@ -85,10 +87,12 @@ def _shape(row, rec):
     return text
 
 
-def test_heldout_fixture_is_unlike_the_generator(train):
-    rows = [json.loads(line) for line in HELDOUT.read_text(encoding="utf-8").splitlines()]
+@pytest.mark.parametrize("fixture", HELDOUT, ids=lambda p: p.name)
+def test_heldout_fixture_is_unlike_the_generator(train, fixture):
+    rows = [json.loads(line) for line in fixture.read_text(encoding="utf-8").splitlines()]
     assert len(rows) >= 40
     train_shapes = {_shape(r, rec) for r, rec in zip(train, records(train))}
+    train_values = {v for rec in records(train) for v in rec.values() if isinstance(v, str)}
     for row in rows:
         record = json.loads(row["completion"])
         assert list(record) == KEYS
@@ -100,6 +104,7 @@ def test_heldout_fixture_is_unlike_the_generator(train):
         assert record["job"] not in JOBS and record["city"] not in REAL_CITIES
         assert not set((record["name"] or "").split()) & set(REAL_FIRST + REAL_LAST)
         assert _shape(row, record) not in train_shapes
+        assert not {v for v in record.values() if isinstance(v, str)} & train_values  # no value seen in training
     assert sum(None in json.loads(r["completion"]).values() for r in rows) >= 8
 
 
