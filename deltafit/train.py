@@ -757,12 +757,20 @@ def _check_unchanged(resume_from: Path, recipe) -> None:
             changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
             pairs = [(f"{key}.{k}", before.get(k), after.get(k)) for k in changed]
         else:
-            pairs = [(key, before, after)] if before != after else []
+            pairs = [(key, before, after)] if _comparable(key, before) != _comparable(key, after) else []
         if pairs:
             name, was, is_now = pairs[0]
             raise UserError(f"--resume: recipe key '{name}' is {is_now!r} but the checkpoint {resume_from} was "
                             f"trained with {was!r}; resuming would not continue that run. Restore it, start a new "
                             f"run with another --output, or pass --allow-changes to resume anyway")
+
+
+def _comparable(key: str, value):
+    """A resume key's value as training used it: a precision is what it resolves to on this machine
+    (a run saved with "no" resumes under `auto` where auto means fp32, and not where it means bf16)."""
+    if key == "train.mixed_precision" and isinstance(value, str):
+        return precision.resolve(value)[0]
+    return value
 
 
 def _at(tree: dict, dotted: str):

@@ -95,3 +95,21 @@ def test_bf16_and_fp32_loss_curves_agree_over_60_steps(tmp_path, capsys, tiny_ll
     for step, (a, b) in enumerate(zip(fp32, bf16), start=1):
         assert abs(a - b) <= 0.01 * a, (step, a, b)
     assert fp32[-1] < fp32[0] - 0.2 and bf16[-1] < bf16[0] - 0.2  # both learned
+
+
+def test_resume_compares_precisions_as_they_resolve(monkeypatch, tmp_path):
+    """A run saved with "no" (the default before auto) resumes under auto where auto means fp32, and
+    is refused, naming both values, where auto would switch it to bf16 mid-run."""
+    from deltafit import checkpoint, train
+    from deltafit.errors import UserError
+    from deltafit.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict({"model": {"name": "some/model"}, "data": {"train": "rows.json"}})
+    saved = recipe.to_dict()
+    saved["train"]["mixed_precision"] = "no"
+    monkeypatch.setattr(checkpoint, "read_recipe_dict", lambda path: saved)
+    monkeypatch.setattr(precision, "resolve", lambda v: ("no" if v in ("auto", "no") else v, "test"))
+    train._check_unchanged(tmp_path, recipe)  # no error: the run continues in fp32 as it began
+    monkeypatch.setattr(precision, "resolve", lambda v: ("bf16" if v in ("auto", "bf16") else v, "test"))
+    with pytest.raises(UserError, match=r"'train.mixed_precision' is 'auto' .* trained with 'no'"):
+        train._check_unchanged(tmp_path, recipe)
