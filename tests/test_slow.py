@@ -42,7 +42,8 @@ def test_quickstart_learns_to_write_the_records(tmp_path, capsys):
     assert code == 0, err
     scored = ("--generate", "--metrics", "exact_match,json", "--max-new-tokens", "48")
     assert run_cli(capsys, "eval", out / "final", *scored)[0] == 0
-    assert run_cli(capsys, "eval", out / "final", "--base", *scored)[0] == 0
+    # the base model never stops early (no JSON, no end): 16 of the sentences show it, at a quarter of the time
+    assert run_cli(capsys, "eval", out / "final", "--base", *scored, "--max-examples", "16")[0] == 0
     tuned = json.loads((out / "final-eval.json").read_text())
     base = json.loads((out / "final-eval-base.json").read_text())
     assert tuned["loss"] < 0.5 * base["loss"], (tuned, base)
