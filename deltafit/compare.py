@@ -52,10 +52,14 @@ RECOMMENDED: dict[str, dict] = {
     "adalora": {"delta": {"init_r": 12, "target_r": 8, "alpha": 24, "dropout": 0.05}, "lr": 5e-4},  # adalora.yaml
     "vera": {"delta": {"r": 256, "d_initial": 0.1}, "lr": 4e-3},        # vera.yaml (paper: 1e-2 .. 4e-3)
     "adapter": {"delta": {"bottleneck": 64, "variant": "houlsby"}, "lr": 1e-4},  # adapter.yaml (1e-4 .. 1e-3)
+    "parallel-adapter": {"delta": {"bottleneck": 256, "scale": 4.0}, "lr": 1e-4},  # parallel-adapter.yaml (He et al.)
+    "mam": {"delta": {"bottleneck": 256}, "lr": 1e-4},  # mam.yaml (He et al.; 512 is for 1024-wide models)
+    "adapter-fusion": {"lr": 5e-5},  # adapter-fusion.yaml (the paper); needs --set adapter-fusion:delta.adapters=[...]
     "bitfit": {"lr": 1e-3},                                             # bitfit.yaml (paper sweeps 1e-4 .. 1e-3)
     "layernorm": {"lr": 1e-3},                                          # layernorm.yaml (like BitFit)
     "ia3": {"lr": 3e-3},                                                # ia3.yaml (the paper's rate)
     "prefix": {"delta": {"num_virtual_tokens": 20, "hidden": 512}, "lr": 5e-3},  # prefix.yaml (1e-3 .. 1e-2)
+    "unipelt": {"delta": {"prefix_tokens": 10, "reduction_factor": 16, "r": 8}, "lr": 5e-4},  # unipelt.yaml
     "ptuning-v2": {"delta": {"num_virtual_tokens": 20}, "lr": 5e-3},    # ptuning-v2.yaml (5e-3 .. 1e-2)
     "ptuning": {"delta": {"num_virtual_tokens": 20}, "lr": 1e-3},       # ptuning.yaml
     "prompt": {"delta": {"num_virtual_tokens": 20}, "lr": 3e-2},        # prompt.yaml (1e-2 .. 3e-1 with AdamW)
@@ -136,9 +140,9 @@ def method_recipe(raw: dict, method: str, common: list[str], own: list[str]) -> 
 
     raw = copy.deepcopy(raw)
     recipe_delta = raw.get("delta") or {"method": "lora"}
-    if not isinstance(recipe_delta, dict):
+    if not isinstance(recipe_delta, (dict, list)):
         raise UserError(f"recipe key 'delta' must be a mapping with at least 'method' (got {recipe_delta!r})")
-    if recipe_delta.get("method", "lora") != method:
+    if isinstance(recipe_delta, list) or recipe_delta.get("method", "lora") != method:  # a composition: replaced
         table = RECOMMENDED.get(method, {})
         raw["delta"] = {"method": method, **table.get("delta", {})}
         if "lr" in table:

@@ -29,9 +29,11 @@ MAX_ALLOWED_DIFF = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.1}
 def merge_checkpoint(path: str, output: str, dtype: Optional[str] = None, base_model: Optional[str] = None) -> dict:
     from deltafit.loading import about_checkpoint, attach_from_checkpoint, load_source, source_recipe
     from deltafit.model import build_model
+    from deltafit.recipe import validate_delta
 
     directory, meta, tensors = load_source(path, base_model)
-    method = deltas.get(meta["method"])
+    # The method's facts from its recorded config: a composition merges only if all its deltas do.
+    method = deltas.build(validate_delta(meta["delta_config"], source=f"checkpoint '{directory}'"))
     if not method.mergeable:
         raise UserError(f"method '{meta['method']}' cannot be merged: {method.not_mergeable_because}; "
                         f"use the checkpoint as is with `deltafit eval`")

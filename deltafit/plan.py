@@ -13,7 +13,7 @@ def make_plan(recipe) -> dict:
     from deltafit.model import meta_model
 
     data = describe_data(recipe.data)
-    packing = resolve_packing(recipe.data, recipe.model.task, deltas.get(recipe.delta.method))
+    packing = resolve_packing(recipe.data, recipe.model.task, deltas.build(recipe.delta))
     data["packing"] = {True: f"on (rows of <= {recipe.data.max_length} tokens, per-example attention)", False: "off",
                        None: "auto (on where it saves >= 10% of batch positions)"}[packing]
     model = meta_model(recipe.model, num_labels=len(data.get("labels") or []) or None)
@@ -28,9 +28,16 @@ def make_plan(recipe) -> dict:
     return {
         "model": recipe.model.name, "task": recipe.model.task, "architecture": type(model).__name__,
         "method": delta.name, "targets": delta.describe_targets(), "delta_params": delta_params,
+        "deltas": [_component(name, part) for name, part in delta.components().items()],
         "trainable": trainable, "total": total, "data_format": recipe.data.format, "data": data,
         "mergeable": delta.mergeable, "steps": recipe.train.max_steps, "epochs": recipe.train.epochs,
     }
+
+
+def _component(name: str, part) -> dict:
+    """One delta of a composition: its method, modules and trainable count."""
+    return {"name": name, "method": part.name, "targets": part.describe_targets(), "mergeable": part.mergeable,
+            "trainable": sum(p.numel() for p in part.delta_parameters().values())}
 
 
 def _head_guess(model, task: str) -> list[str]:

@@ -328,7 +328,9 @@ class Recipe(Section):
 
     def to_dict(self) -> dict:
         out = self.model_dump(mode="json")
-        out["delta"] = self.delta.model_dump(mode="json")
+        # A composition is written back as the list the user wrote (compose.py), one method as its mapping.
+        to_list = getattr(self.delta, "to_list", None)
+        out["delta"] = to_list() if to_list else self.delta.model_dump(mode="json")
         return out
 
 
@@ -448,9 +450,10 @@ def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
     raw = {k: v for k, v in raw.items() if not (isinstance(k, str) and k.startswith(EXTENSION_PREFIX))}
     delta_raw = raw.pop("delta", None)
     delta_raw = {"method": "lora"} if delta_raw is None else delta_raw
-    if not isinstance(delta_raw, dict):
+    if not isinstance(delta_raw, (dict, list)):
         raise UserError(f"{source}: recipe key 'delta' must be a mapping with at least 'method' (got {delta_raw!r}), "
-                        f"e.g. delta: {{method: lora}}; leave it out for LoRA's defaults")
+                        f"e.g. delta: {{method: lora}}, or a list of such mappings to combine methods; leave it out "
+                        f"for LoRA's defaults")
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
@@ -473,21 +476,67 @@ def _check_task_and_format(recipe: Recipe, source: str) -> None:
                         f"(model.task seq-cls); model.task is '{recipe.model.task}', so remove model.pooling")
 
 
-def validate_delta(delta_raw: dict, source: str = "recipe"):
+def validate_delta(delta_raw, source: str = "recipe"):
+    """The delta section as a method's config: a mapping is one method; a list is several on one base
+    (a composition, deltafit/deltas/compose.py), and a list of one is that method alone."""
+    if isinstance(delta_raw, list):
+        try:
+            parts = validate_delta_list(delta_raw)
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
+        return parts[0] if len(parts) == 1 else _composition(parts)
+    if isinstance(delta_raw, dict) and delta_raw.get("method") == "compose":  # as a checkpoint records it
+        try:
+            return _composition(validate_delta_list(delta_raw.get("deltas")))
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
+    return _one_delta(delta_raw, source, "delta")
+
+
+def validate_delta_list(sections) -> list:
+    """Each entry of `delta:` against its own method's config; names (default: the method) unique."""
+    if not isinstance(sections, list) or not sections:
+        raise UserError("recipe key 'delta' must be a method's mapping or a non-empty list of them")
+    parts, names = [], {}
+    for i, section in enumerate(sections):
+        if not isinstance(section, dict):
+            raise UserError(f"recipe key 'delta.{i}' must be a mapping with at least 'method' (got {section!r}), "
+                            f"e.g. {{method: bitfit}}")
+        label = section.get("name") or section.get("method", "lora")
+        part = _one_delta(section, f"delta '{label}'" if isinstance(label, str) else "delta", f"delta.{i}")
+        name = part.name or part.method
+        if name in names:
+            raise UserError(f"recipe key 'delta.{i}.name': deltas {names[name]} and {i} are both named '{name}'; "
+                            f"give each a distinct name (e.g. name: {name}-2)")
+        if name == "head" or name.isdigit():
+            raise UserError(f"recipe key 'delta.{i}.name': '{name}' is reserved (the task head's tensors and list "
+                            f"indexes use it); choose another name")
+        names[name] = i
+        parts.append(part)
+    return parts
+
+
+def _composition(parts: list):
+    from deltafit.deltas.compose import ComposeConfig
+
+    return ComposeConfig.model_construct(method="compose", deltas=parts, name=None, lr=None, weight_decay=None)
+
+
+def _one_delta(delta_raw: dict, source: str, prefix: str):
     from deltafit.deltas import METHODS, config_class
 
     method = delta_raw.get("method", "lora")
-    if not isinstance(method, str):
-        raise UserError(f"{source}: recipe key 'delta.method' must be one method name (got {method!r}); "
+    if not isinstance(method, str) or method == "compose":
+        raise UserError(f"{source}: recipe key '{prefix}.method' must be one method name (got {method!r}); "
                         f"valid: {', '.join(METHODS)}")
     try:
         config_cls = config_class(method)
     except UserError as e:  # unknown method, with did-you-mean
-        raise UserError(f"{source}: {e}") from None
+        raise UserError(f"{source}: {str(e).replace('delta.method', prefix + '.method')}") from None
     try:
         return config_cls.model_validate(delta_raw)
     except ValidationError as e:
-        raise UserError(f"{source}: {_explain(e, config_cls, prefix='delta')}") from None
+        raise UserError(f"{source}: {_explain(e, config_cls, prefix=prefix)}") from None
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -524,9 +573,23 @@ def apply_override(raw: dict, item: str) -> None:
 
 
 def _list_index(node: list, part: str, item: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise UserError(f"--set '{item}': '{part}' is no entry of a list of {len(node)} (use 0 to {len(node) - 1})")
-    return int(part)
+    """An entry of a list of sections by index (data.train.1) or, for deltas, by name (delta.lora.r;
+    a delta's name defaults to its method)."""
+    if part.isdigit() and int(part) < len(node):
+        return int(part)
+    names = [_entry_name(entry) for entry in node]
+    if part in names:
+        return names.index(part)
+    by_name = f" or a name: {', '.join(n for n in names if n)}" if any(names) else ""
+    raise UserError(f"--set '{item}': '{part}' is no entry of a list of {len(node)} "
+                    f"(use 0 to {len(node) - 1}{by_name})")
+
+
+def _entry_name(entry) -> Optional[str]:
+    if not isinstance(entry, dict) or "method" not in entry and "name" not in entry:
+        return None
+    name = entry.get("name") or entry.get("method")
+    return name if isinstance(name, str) else None
 
 
 def _starts_comment(value: str) -> bool:

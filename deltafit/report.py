@@ -35,13 +35,11 @@ def print_plan(plan: dict) -> None:
     table = Table(title="plan", show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
-    targets = plan["targets"]
-    shown = ", ".join(targets[:6]) + (f", ... ({len(targets)} modules)" if len(targets) > 6 else "")
     rows = [
         ("model", f"{plan['model']} ({plan['architecture']})"), ("task", plan["task"]),
         ("method", f"{plan['method']} ({'mergeable' if plan['mergeable'] else 'not mergeable'})"),
-        ("delta on", shown or "(whole model / embeddings)"),
-        ("delta params", f"{plan['delta_params']:,}"),
+        *_delta_rows(plan),
+        ("delta params", f"{plan['delta_params']:,}" + (" (total)" if plan.get("deltas") else "")),
         ("trainable", f"{plan['trainable']:,} / {plan['total']:,} "
                       f"({100 * plan['trainable'] / max(plan['total'], 1):.4f}%)"),
         ("data", (f"mixture of {len(plan['data']['mixture'])} sources" if plan["data"].get("mixture")
@@ -58,6 +56,20 @@ def print_plan(plan: dict) -> None:
         table.add_row(key, str(value))
     console.print(table)
     console.print("[green]recipe is valid[/]")
+
+
+def _delta_rows(plan: dict) -> list[tuple[str, str]]:
+    """'delta on' for one method; for a composition one row per delta: method, count and modules."""
+    if not plan.get("deltas"):
+        return [("delta on", _modules(plan["targets"]))]
+    return [(f"delta '{d['name']}'", f"{d['method']} ({'mergeable' if d['mergeable'] else 'not mergeable'}), "
+                                     f"{d['trainable']:,} params on {_modules(d['targets'])}")
+            for d in plan["deltas"]]
+
+
+def _modules(targets: list[str]) -> str:
+    shown = ", ".join(targets[:6]) + (f", ... ({len(targets)} modules)" if len(targets) > 6 else "")
+    return shown or "(whole model / embeddings)"
 
 
 def print_methods() -> None:

@@ -42,7 +42,7 @@ from deltafit.evaluate import evaluate_loop
 from deltafit.fsutil import check_outside_checkpoints
 from deltafit.limits import check_recipe_fits
 from deltafit.metrics import MetricsLog
-from deltafit.model import build_model, load_config, load_tokenizer
+from deltafit.model import build_model, load_config, load_tokenizer, meta_model
 from deltafit.recipe import EVAL_METRICS
 from deltafit.recompute import RecomputedActivations
 
@@ -229,7 +229,7 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
     # 2. Data first: classification labels decide the size of the model's head.
     tokenizer = load_tokenizer(recipe.model)
     # Causal-LM rows are packed when it saves compute, unless the recipe or the method says otherwise.
-    packing = resolve_packing(recipe.data, recipe.model.task, deltas.get(recipe.delta.method))
+    packing = resolve_packing(recipe.data, recipe.model.task, deltas.build(recipe.delta))
     data = prepare_data(recipe.data.model_copy(update={"packing": packing}), tokenizer, recipe.model.task, t.seed,
                         label_names=_saved_labels(resume_from), batch_size=t.batch_size)
     if not data.train:
@@ -240,6 +240,10 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
     if (t.early_stopping or t.keep_best) and not data.eval:
         raise UserError(f"recipe key '{_selection_key(t)}': the evaluation data gave no examples to evaluate on")
     check_recipe_fits(recipe, load_config(recipe.model), data.label_names)  # before any weights load
+    # The delta's sizes, and the conflicts between the deltas of a composition, on a weightless model.
+    probe = deltas.build(recipe.delta)
+    probe.tokenizer = tokenizer
+    probe.check_fits(meta_model(recipe.model, num_labels=len(data.label_names or []) or None))
     # 3. Base model + delta; everything but the delta (and a fresh task head) is frozen.
     model, tokenizer, head = build_model(recipe.model, label_names=data.label_names, tokenizer=tokenizer)
     if t.gradient_checkpointing:
@@ -563,11 +567,17 @@ def _stopped_early(run: Run) -> None:
 
 
 def build_optimizer(delta, t) -> torch.optim.Optimizer:
-    """AdamW with weight decay only on matrices: never on biases, norms or 1-d vectors."""
-    decay, no_decay = [], []
-    for name, p in delta.trainable_parameters().items():
-        (no_decay if p.ndim < 2 or any(k in name.lower() for k in NO_DECAY) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW with weight decay only on matrices: never on biases, norms or 1-d vectors. Each of the
+    delta's groups (one per delta of a composition) has its own lr and weight decay, default train's."""
+    groups = []
+    for params, lr, weight_decay in delta.optimizer_groups():
+        decay, no_decay = [], []
+        for name, p in params.items():
+            (no_decay if p.ndim < 2 or any(k in name.lower() for k in NO_DECAY) else decay).append(p)
+        lr = t.lr if lr is None else lr
+        weight_decay = t.weight_decay if weight_decay is None else weight_decay
+        groups += [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+                   {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr)
 
 

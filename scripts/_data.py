@@ -6,6 +6,7 @@ they are there, else the hub dataset the recipes name, as a user with a network 
     name     local (under the data directory)              hub
     alpaca   alpaca_small/alpaca_small.json                 tatsu-lab/alpaca, first 2,000 rows
     sst2     glue_sst2/train.tsv + glue_sst2/dev.tsv        nyu-mll/glue sst2, train + validation
+    rte      glue_rte/train.tsv + glue_rte/dev.tsv          nyu-mll/glue rte, train + validation
 
 `--data DIR` (see `add_data_option`) points at another directory of the same layout; `--data hub`
 uses the hub even when local files exist. A `Source` gives the recipe's data keys, the same as
@@ -31,11 +32,14 @@ LOCAL = {
     "alpaca": {"train": "alpaca_small/alpaca_small.json", "config": None, "split": "train", **_NO_EVAL},
     "sst2": {"train": "glue_sst2/train.tsv", "config": None, "split": "train", "eval": "glue_sst2/dev.tsv",
              "eval_split": None},
+    "rte": {"train": "glue_rte/train.tsv", "config": None, "split": "train", "eval": "glue_rte/dev.tsv",
+            "eval_split": None},
 }
 HUB_SOURCES = {
     # The local file's size: tokenizing all 52k rows would take longer than a short benchmark run.
     "alpaca": {"train": "tatsu-lab/alpaca", "config": None, "split": "train", **_NO_EVAL, "max_train_examples": 2000},
     "sst2": {"train": "nyu-mll/glue", "config": "sst2", "split": "train", "eval": None, "eval_split": "validation"},
+    "rte": {"train": "nyu-mll/glue", "config": "rte", "split": "train", "eval": None, "eval_split": "validation"},
 }
 EVAL_FILES = ("train", "eval")  # the keys that name local files
 

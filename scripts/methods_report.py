@@ -53,6 +53,8 @@ VARIANTS = {
     "lora+pissa-fast": ("lora", ["delta.init=pissa", "delta.svd_niter=4", *_RESIDUAL]),
     "lora+olora": ("lora", ["delta.init=olora", *_RESIDUAL]),
 }
+# Compositions (`delta:` as a list): name -> the methods whose recipes' delta sections are combined.
+COMBINATIONS = {"lora+bitfit": ["lora", "bitfit"], "lora+ia3": ["lora", "ia3"]}
 DEFAULT_METHODS = ["bitfit", "partial", "layernorm", "lisa", "diff-pruning", "masking", "ptuning", "ptuning-v2",
                    "ia3", "dora", "lora", *VARIANTS]
 # Schedule keys in steps, set to a fifth of a short run so the schedule happens inside it.
@@ -70,7 +72,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     from deltafit.deltas import METHODS
 
-    methods = args.methods or (list(METHODS) + list(VARIANTS) if args.all else DEFAULT_METHODS)
+    methods = args.methods or (list(METHODS) + list(VARIANTS) + list(COMBINATIONS) if args.all else DEFAULT_METHODS)
     sources = {workload: find(DATASETS[workload], args.data) for workload in args.workloads}
     for source in sources.values():
         print(source.line, file=sys.stderr)
@@ -98,7 +100,8 @@ def main() -> None:
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", type=lambda s: s.split(","),
-                   help=f"comma list of methods or variants ({', '.join(VARIANTS)}); "
+                   help=f"comma list of methods, variants ({', '.join(VARIANTS)}) or combinations "
+                   f"({', '.join(COMBINATIONS)}); "
                    f"default: {','.join(DEFAULT_METHODS)}")
     p.add_argument("--all", action="store_true", help="every registered method and variant")
     p.add_argument("--workloads", type=lambda s: s.split(","), default=["smollm2", "sst2"])
@@ -126,12 +129,12 @@ def worker(job: dict) -> dict:
     steps = job["llm_steps"] if job["workload"] == "smollm2" else job["sst2_steps"]
     sets = [*variant, *_schedule(method, steps), *job["sets"]]
     lr_scale = _pop_lr_scale(sets)
-    own = load_recipe(ROOT / "recipes" / f"{method}.yaml").model_dump(mode="json")
+    own = _own_recipe(method)
     if job["workload"] == "smollm2":
         raw = own
         if own["model"]["task"] != "causal-lm":  # a BERT recipe (layernorm, bitfit): LoRA's SmolLM2 recipe, its delta
             raw = load_recipe(ROOT / "recipes" / "lora.yaml").model_dump(mode="json")
-            raw.update(delta={k: v for k, v in own["delta"].items() if k not in MODULE_KEYS})
+            raw.update(delta=_portable(own["delta"]))
         for item in [*job["data_sets"], "data.format=alpaca", "data.eval_fraction=0.05", "data.max_length=128",
                      f"train.max_steps={steps}", "train.epochs=1", "train.batch_size=4", "train.grad_accum=1",
                      "train.eval_every=null", "train.save_every=null", "log.progress=false",
@@ -139,7 +142,7 @@ def worker(job: dict) -> dict:
             apply_override(raw, item)
     else:
         raw = load_recipe(ROOT / "recipes" / "glue-sst2-minilm-lora.yaml").model_dump(mode="json")
-        raw.update(delta={k: v for k, v in own["delta"].items() if k not in MODULE_KEYS})
+        raw.update(delta=_portable(own["delta"]))
         raw["data"].update(job["data"])
         raw["train"].update(max_steps=steps, eval_every=None, save_every=None, log_every=50)
         raw["train"]["lr"] = job["sst2_lr"] or raw["train"]["lr"]
@@ -154,6 +157,25 @@ def worker(job: dict) -> dict:
     except UserError as e:  # e.g. BitFit on Llama, which has no biases: a fact to report, not a failure
         return {"skipped": str(e)}
     return run(recipe, Path(job["out"]), check_peft=job["workload"] == "smollm2")
+
+
+def _own_recipe(method: str) -> dict:
+    """The method's recipe as a dict; a combination is LoRA's recipe with every part's delta section."""
+    from deltafit.recipe import load_recipe
+
+    if method not in COMBINATIONS:
+        return load_recipe(ROOT / "recipes" / f"{method}.yaml").to_dict()
+    raw = load_recipe(ROOT / "recipes" / "lora.yaml").to_dict()
+    raw["delta"] = [load_recipe(ROOT / "recipes" / f"{part}.yaml").to_dict()["delta"] for part in COMBINATIONS[method]]
+    return raw
+
+
+def _portable(delta):
+    """A delta section without module names (a Llama recipe's names mean nothing on BERT), each part's
+    for a composition."""
+    if isinstance(delta, list):
+        return [_portable(part) for part in delta]
+    return {k: v for k, v in delta.items() if k not in MODULE_KEYS}
 
 
 def check_method_fits(recipe) -> None:
@@ -188,7 +210,7 @@ def run(recipe, out: Path, check_peft: bool) -> dict:
     plan = make_plan(recipe)  # counts as `deltafit validate` shows them, right after attach
     started = time.time()
     final = fit(recipe, output_dir=out)
-    method = deltas.get(recipe.delta.method)
+    method = deltas.build(recipe.delta)  # its facts as configured (a composition merges if all its parts do)
     result = {"trainable": plan["trainable"], "train_seconds": round(time.time() - started, 1),
               "stored_numbers": stored_numbers(final), "checkpoint_bytes": (final / "delta.safetensors").stat().st_size,
               "eval": {k: v for k, v in evaluate_checkpoint(str(final))[0].items() if isinstance(v, float)}}

@@ -26,14 +26,19 @@ def methods_table() -> str:
 
 def recipe_reference() -> str:
     from deltafit import deltas
+    from deltafit.deltas.base import DeltaConfig
     from deltafit.recipe import DataSpec, LogSpec, ModelSpec, TrainSpec, field_docs
 
-    sections = [("model", ModelSpec), ("data", DataSpec), ("train", TrainSpec), ("log", LogSpec)]
+    sections = [("model", ModelSpec), ("data", DataSpec), ("train", TrainSpec), ("log", LogSpec),
+                ("delta (every method; each entry of a list of deltas)", DeltaConfig)]
     sections += [(f"delta (method: {name})", cls.Config) for name, cls in deltas.all_methods().items()]
+    shared = set(DeltaConfig.model_fields) - {"method"}  # listed once, in the section above
     out = []
     for title, model in sections:
+        own = shared if model is DeltaConfig else set()
         out += [f"**{title}**", "", "| key | default | meaning |", "| --- | --- | --- |"]
-        out += [f"| `{k}` | `{d}` | {doc} |" for k, d, doc in field_docs(model) if k != "method"]
+        out += [f"| `{k}` | `{d}` | {doc} |" for k, d, doc in field_docs(model)
+                if k != "method" and (k in own or k not in shared)]
         out.append("")
     return "\n".join(out).rstrip()
 

@@ -126,8 +126,10 @@ def test_every_recommended_setting_is_a_valid_recipe(tmp_path, tiny_llama):
 
     assert set(compare_mod.RECOMMENDED) == set(METHODS)
     base = {"model": {"name": str(tiny_llama)}, "data": {"train": "x.jsonl"}, "delta": {"method": "full"}}
+    # Options without a default, which name a user's files: AdapterFusion's stage-1 checkpoints.
+    own = {"adapter-fusion": ["delta.adapters=[runs/stage1-a/final, runs/stage1-b/final]"]}
     for method in METHODS:
-        raw = compare_mod.method_recipe(base, method, [], [])
+        raw = compare_mod.method_recipe(base, method, [], own.get(method, []))
         recipe = recipe_from_dict(raw, source=method)
         assert recipe.delta.method == method
         if method != "full":

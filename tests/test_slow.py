@@ -150,3 +150,38 @@ def test_minilm_pooling_choices_train_and_reload(tmp_path, capsys, pooling):
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     in_training = next(r["eval_accuracy"] for r in logged if "eval_accuracy" in r)
     assert json.loads((tmp_path / "run" / "final-eval.json").read_text())["accuracy"] == in_training
+
+
+@pytest.mark.parametrize("recipe, delta", [
+    ("quickstart.yaml", "[{method: lora, r: 8, target_modules: [q_proj, v_proj]}, {method: ia3, lr: 3.0e-3}]"),
+    ("glue-sst2-minilm-lora.yaml", "[{method: lora, r: 8, target_modules: [query, value]}, {method: bitfit}]"),
+], ids=["smollm2-lora+ia3", "minilm-lora+bitfit"])
+def test_a_composed_recipe_resumes_exactly_evaluates_and_merges_on_the_real_models(tmp_path, capsys, recipe, delta):
+    """Six steps with a step checkpoint at 3; a copy of the run cut back to that checkpoint (as a
+    kill right after it leaves it) resumes to the same final tensors bit for bit; eval and merge
+    take only the path."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from deltafit.checkpoint import step_dir
+
+    data = glue("sst2", capsys)[0] if "sst2" in recipe else []
+    sets = [*data, "--set", f"delta={delta}", "--set", "train.max_steps=6", "--set", "train.save_every=3",
+            "--set", "train.keep_last=5", "--set", "train.eval_every=null", "--set", "log.progress=false",
+            "--set", "data.max_eval_examples=64"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    code, _, err = run_cli(capsys, "train", ROOT / "recipes" / recipe, "--output", whole, *sets)
+    assert code == 0, err
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "final")
+    shutil.rmtree(step_dir(cut, 6))
+    code, out, err = run_cli(capsys, "train", ROOT / "recipes" / recipe, "--output", cut, *sets, "--resume")
+    assert code == 0 and "resumed from" in out + err, err
+    a, b = (load_file(str(run / "final" / "delta.safetensors")) for run in (whole, cut))
+    assert a.keys() == b.keys() and len({k.split(".", 1)[0] for k in a} - {"head"}) == 2
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert run_cli(capsys, "eval", cut / "final")[0] == 0
+    assert json.loads((cut / "final-eval.json").read_text())["loss"] > 0
+    code, _, err = run_cli(capsys, "merge", cut / "final", "--output", tmp_path / "merged")
+    assert code == 0 and (tmp_path / "merged" / "config.json").is_file(), err

@@ -34,7 +34,7 @@ def _packing_pays(examples: list[dict], rows: list[dict], batch_size: int, seed:
 def resolve_packing(spec, task: str, method=None) -> Optional[bool]:
     """Whether training rows are packed: True, False, or None for "when it saves compute" (decided
     on the data). `data.packing` unset means the latter for causal-LM data, unless the delta method
-    (a Delta class, when known) cannot train on packed rows."""
+    (a Delta class or instance, when known) cannot train on packed rows."""
     supported = method is None or method.supports_packing
     if spec.packing is None:
         return None if task == "causal-lm" and supported else False
@@ -42,7 +42,9 @@ def resolve_packing(spec, task: str, method=None) -> Optional[bool]:
         raise UserError("recipe key 'data.packing': only causal-LM examples can be packed; classification "
                         "(model.task seq-cls) keeps one example per row, so leave data.packing unset or false")
     if spec.packing and not supported:
-        raise UserError(f"recipe key 'data.packing': method '{method.name}' cannot train on packed rows (it adds "
+        blocker = getattr(method, "packing_blocker", None)  # a composition names its part
+        who = (blocker() if callable(blocker) else None) or f"method '{method.name}'"
+        raise UserError(f"recipe key 'data.packing': {who} cannot train on packed rows (it adds "
                         f"inputs in front of each sequence); leave data.packing unset or set it to false")
     return spec.packing
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from deltafit.deltas._inplace import InPlaceParams
 from deltafit.deltas._targets import _normalize_layers, block_index, refuse_above
-from deltafit.deltas.base import Delta
+from deltafit.deltas.base import Delta, base_named_modules, base_named_parameters
 from deltafit.errors import UserError
 
 KINDS = ("attention", "mlp", "norm")
@@ -31,7 +31,7 @@ KINDS = ("attention", "mlp", "norm")
 
 def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
     """(name of the block list, its blocks in order): the outermost ModuleList named like blocks."""
-    lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) and
+    lists = [n for n, m in base_named_modules(model) if isinstance(m, nn.ModuleList) and len(m) and
              block_index(f"{n}.0") == 0]
     outer = [n for n in lists if not any(n.startswith(other + ".") for other in lists)]
     if len(outer) != 1:
@@ -45,13 +45,13 @@ def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
 def block_params(model: nn.Module) -> list[dict[str, nn.Parameter]]:
     """Every block's parameters under their full model names, block by block."""
     prefix, blocks = find_blocks(model)
-    return [{f"{prefix}.{i}.{n}": p for n, p in block.named_parameters()} for i, block in enumerate(blocks)]
+    return [{f"{prefix}.{i}.{n}": p for n, p in base_named_parameters(block)} for i, block in enumerate(blocks)]
 
 
 def outside_params(model: nn.Module) -> dict[str, nn.Parameter]:
     """Parameters outside the blocks: embeddings, final norm, output head (tied tensors listed once)."""
     inside = {id(p) for params in block_params(model) for p in params.values()}
-    return {n: p for n, p in model.named_parameters() if id(p) not in inside}
+    return {n: p for n, p in base_named_parameters(model) if id(p) not in inside}
 
 
 def chosen_indexes(model: nn.Module, layers: Optional[list[int]], top_k: int) -> list[int]:
@@ -76,7 +76,7 @@ def select_modules(block: nn.Module, prefix: str, wanted: Optional[list[str]]) -
     """The block's parameters whose module is of a wanted kind or whose module path (relative to the
     block) equals or ends with '.' + a wanted suffix; all of them when `wanted` is None."""
     selected = {}
-    for path, module in block.named_modules():
+    for path, module in base_named_modules(block):
         for name, p in module.named_parameters(recurse=False):
             if wanted is None or _wanted(path, module, wanted):
                 selected[f"{prefix}.{path}.{name}" if path else f"{prefix}.{name}"] = p
@@ -92,7 +92,7 @@ def check_modules_exist(block: nn.Module, wanted: Optional[list[str]]) -> None:
     """Every `delta.modules` entry must select something in a block (a typo must not train nothing)."""
     for entry in wanted or []:
         if not select_modules(block, "", [entry]):
-            names = sorted({p.rsplit(".", 1)[-1] for p, m in block.named_modules() if p and
+            names = sorted({p.rsplit(".", 1)[-1] for p, m in base_named_modules(block) if p and
                             any(True for _ in m.parameters(recurse=False))})
             raise UserError(f"recipe key 'delta.modules': {entry!r} matches nothing in a transformer block; "
                             f"valid: {', '.join(KINDS)} or a module name suffix ({', '.join(names[:12])})")

@@ -19,6 +19,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from deltafit.deltas.base import base_named_modules, base_named_parameters
 from deltafit.errors import UserError
 
 # Per-architecture defaults: the attention query/value projections, as in the LoRA paper.
@@ -52,7 +53,7 @@ def block_index(module_name: str) -> Optional[int]:
 
 
 def num_blocks(model: nn.Module) -> int:
-    indexes = {block_index(n) for n, _ in model.named_modules()} - {None}
+    indexes = {block_index(n) for n, _ in base_named_modules(model)} - {None}
     return max(indexes) + 1 if indexes else 0
 
 
@@ -81,12 +82,12 @@ def find_targets(
     kinds = linear_kinds() if kinds is None else kinds
     spec = default_targets(model) if spec is None else spec
     _check_regex(spec)
-    matches = {n: m for n, m in model.named_modules() if n and isinstance(m, kinds) and _matches(n, spec)}
+    matches = {n: m for n, m in base_named_modules(model) if n and isinstance(m, kinds) and _matches(n, spec)}
     if layers is not None:
         wanted = _normalize_layers(model, layers)
         matches = {n: m for n, m in matches.items() if block_index(n) in wanted}
     if not matches:
-        examples = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds)})
+        examples = sorted({n.rsplit(".", 1)[-1] for n, m in base_named_modules(model) if isinstance(m, kinds)})
         raise UserError(
             f"recipe key 'delta.target_modules': {spec!r}"
             f"{f' with delta.layers={layers}' if layers is not None else ''} matches no module of this model; "
@@ -178,7 +179,7 @@ def check_within_base(model: nn.Module, key: str, value: int, numbers_per_unit: 
     """Refuse `value` when it would give `what` value * numbers_per_unit numbers, more than the base
     model's own parameter count: a sane bound for sizes no rank limit covers (VeRA's shared rank,
     which the paper sets above small layers' dimensions)."""
-    base = sum(p.numel() for p in model.parameters())
+    base = sum(p.numel() for _, p in base_named_parameters(model))
     refuse_above(key, value, max(1, base // numbers_per_unit),
                  f"would give {what} {value * numbers_per_unit:,} numbers, more than the whole base model "
                  f"({base:,} parameters)")

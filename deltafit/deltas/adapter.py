@@ -24,7 +24,7 @@ from torch import nn
 
 from deltafit.deltas._inplace import InPlaceParams
 from deltafit.deltas._targets import find_targets, out_features
-from deltafit.deltas.base import Delta, TargetedConfig
+from deltafit.deltas.base import Delta, TargetedConfig, base_named_modules
 from deltafit.errors import UserError
 
 # Per architecture: regexes for (attention output projection, FFN output projection). Regexes,
@@ -94,8 +94,12 @@ class Bottleneck(nn.Module):
             nn.init.zeros_(self.up.weight)  # exactly zero: the block starts as the identity
             nn.init.zeros_(self.up.bias)
 
+    def update(self, h: torch.Tensor) -> torch.Tensor:
+        """W_up f(W_down h + b_down) + b_up alone, in fp32: what a parallel adapter adds beside a sublayer."""
+        return self.up(self.act(self.down(h.to(torch.float32))))
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.up(self.act(self.down(h.to(torch.float32)))).to(h.dtype)
+        return h + self.update(h).to(h.dtype)
 
 
 class Adapter(Delta):
@@ -142,7 +146,7 @@ class Adapter(Delta):
         """Parameters of every norm module inside a block that holds an adapter host."""
         blocks = {_BLOCK.match(n).group(1) for n in self._hosts(model) if _BLOCK.match(n)}
         norms = {}
-        for name, module in model.named_modules():
+        for name, module in base_named_modules(model):
             if "norm" in type(module).__name__.lower() and any(name.startswith(b + ".") for b in blocks):
                 norms.update({f"{name}.{pn}": p for pn, p in module.named_parameters(recurse=False)})
         return norms

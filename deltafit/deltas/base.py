@@ -27,6 +27,18 @@ class DeltaConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     method: str = Field(description="Delta method name (see `deltafit methods`).")
+    name: Optional[str] = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$",
+        description="This delta's name in a composition (`delta:` as a list): its checkpoint tensors are stored "
+        "under '<name>.' and `--set delta.<name>.key=value` reaches it. Default: the method name.",
+    )
+    lr: Optional[float] = Field(
+        None, gt=0, description="Learning rate of this delta's parameters (default train.lr): in a composition "
+        "each delta may train at its own rate (prompt tuning ~1e-2 beside LoRA ~2e-4).",
+    )
+    weight_decay: Optional[float] = Field(
+        None, ge=0, description="Weight decay of this delta's matrices (default train.weight_decay).",
+    )
 
 
 class TargetedConfig(DeltaConfig):
@@ -65,6 +77,13 @@ class Delta:
     # Trains on packed rows (several examples per row, positions restarting per example). False for
     # methods that add inputs in front of each sequence (prompt, prefix): a row holds several.
     supports_packing: ClassVar[bool] = True
+    # Composition (a list of deltas on one base; deltafit/deltas/compose.py). The method reads or rewrites
+    # the weights of the modules it attaches to (DoRA's column norms, PiSSA's residual, QLoRA's 4-bit
+    # copy, masks over W): another delta on one of those modules would break its math or its merge.
+    exclusive_hosts: ClassVar[bool] = False
+    # Where the method puts virtual tokens in front of every sequence: "embeddings" (prompt tuning,
+    # P-tuning) or "cache" (prefix tuning's past keys/values). Two deltas cannot share one slot.
+    input_slot: ClassVar[Optional[str]] = None
     # The run's tokenizer, set by the trainer before attach, for methods that initialize from text.
     tokenizer: Any = None
     # Set by attach(restoring=True): a state is loaded right after (eval/merge/export reattaching a
@@ -249,6 +268,24 @@ class Delta:
         """Names of the modules that got a delta (for `deltafit validate`)."""
         return list(self.insertions.hosts)
 
+    def inserted_hosts(self) -> list[tuple[str, nn.Module, bool]]:
+        """(key, host module, whether this method owns the host's weights) of every insertion; a
+        composition lists its parts' (compose.py checks that deltas can share the modules)."""
+        return [(key, host, self.exclusive_hosts) for key, (host, _, _) in self.insertions.hosts.items()]
+
+    def input_slots(self) -> set[str]:
+        """The places virtual tokens go in front of the input (`input_slot`), of every part for a composition."""
+        return {self.input_slot} if self.input_slot else set()
+
+    def components(self) -> dict[str, "Delta"]:
+        """The named deltas a composition holds ({} for a single method), for `validate`'s table."""
+        return {}
+
+    def optimizer_groups(self) -> list[tuple[dict[str, nn.Parameter], Optional[float], Optional[float]]]:
+        """(parameters, lr, weight_decay) per group; None means train.lr / train.weight_decay.
+        One group here; a composition gives each delta its own (delta.<name>.lr)."""
+        return [(self.trainable_parameters(), self.config.lr, self.config.weight_decay)]
+
     # -- PEFT interoperability (`deltafit export --format peft`, eval/merge of PEFT adapters) ----
     # PEFT's name for this method ("LORA", "PROMPT_TUNING"...); None where PEFT cannot express it.
     # The generic part (common config fields, task head as modules_to_save, key prefixes, files)
@@ -270,6 +307,36 @@ class Delta:
         raise UserError(f"method '{cls.name}' cannot import PEFT adapters")
 
 
+INSERTED = "_deltafit_inserted"  # marks a module a delta inserted (Insertions._register)
+
+
+def base_named_modules(model: nn.Module):
+    """`named_modules()` without the modules deltas inserted: in a composition a later delta finds its
+    targets (linear layers, biases, norms, blocks' tensors) in the base only, not in an earlier delta."""
+    seen = set()
+
+    def walk(module: nn.Module, prefix: str):
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        yield prefix, module
+        for name, child in module.named_children():
+            if not getattr(child, INSERTED, False):
+                yield from walk(child, f"{prefix}.{name}" if prefix else name)
+
+    yield from walk(model, "")
+
+
+def base_named_parameters(model: nn.Module):
+    """`named_parameters()` of the base only (tied tensors once), as `base_named_modules`."""
+    seen = set()
+    for prefix, module in base_named_modules(model):
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield (f"{prefix}.{name}" if prefix else name), p
+
+
 def _under(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
@@ -283,12 +350,21 @@ class Insertions:
 
     def __init__(self):
         self.hosts: dict[str, tuple[nn.Module, str, nn.Module]] = {}  # host name -> (host, child, delta)
+        self._attributes: dict[str, str] = {}  # key -> the child's attribute name on its host
         self._handles: list[Any] = []
 
     def _register(self, host_name: str, host: nn.Module, child: str, delta: nn.Module) -> None:
         delta.train(host.training)  # a model attached in eval mode stays in eval mode (no dropout, fixed gates)
-        host.add_module(child, delta)
-        self.hosts[f"{host_name}.{child}" if host_name else child] = (host, child, delta)
+        key = f"{host_name}.{child}" if host_name else child
+        # In a composition two deltas may insert a child of one name on one host (two LoRAs): the second
+        # gets a free attribute name; its key (and so its checkpoint tensor names) stays the method's own.
+        attribute, n = child, 1
+        while hasattr(host, attribute):
+            attribute, n = f"{child}_{n}", n + 1
+        setattr(delta, INSERTED, True)
+        host.add_module(attribute, delta)
+        self.hosts[key] = (host, child, delta)
+        self._attributes[key] = attribute
 
     def parallel(self, host_name: str, host: nn.Module, child: str, delta: nn.Module) -> None:
         """out = host(x) + delta(x): LoRA-style updates beside a layer."""
@@ -320,7 +396,8 @@ class Insertions:
     def remove_all(self) -> None:
         for handle in self._handles:
             handle.remove()
-        for host, child, _ in self.hosts.values():
-            delattr(host, child)
+        for key, (host, _, _) in self.hosts.items():
+            delattr(host, self._attributes[key])
         self._handles.clear()
         self.hosts.clear()
+        self._attributes.clear()

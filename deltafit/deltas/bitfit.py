@@ -20,7 +20,7 @@ from torch import nn
 
 from deltafit.deltas._inplace import InPlaceDelta
 from deltafit.deltas._targets import block_index, find_targets
-from deltafit.deltas.base import DeltaConfig
+from deltafit.deltas.base import DeltaConfig, base_named_parameters
 from deltafit.errors import UserError
 
 # Subset variant, per architecture: a regex over module names whose bias trains (query projection
@@ -53,14 +53,14 @@ class BitFit(InPlaceDelta):
     def _chosen(self, model: nn.Module) -> dict[str, nn.Parameter]:
         _check_has_biases(model)
         if not self.config.subset:
-            return {n: p for n, p in model.named_parameters() if n == "bias" or n.endswith(".bias")}
+            return {n: p for n, p in base_named_parameters(model) if n == "bias" or n.endswith(".bias")}
         modules = find_targets(model, _subset_regex(model), kinds=(nn.Module,))
         return {f"{n}.bias": m.bias for n, m in modules.items() if getattr(m, "bias", None) is not None}
 
 
 def _check_has_biases(model: nn.Module) -> None:
     """Refuse models whose transformer blocks have no bias at all (only a head would train)."""
-    in_blocks = [n for n, _ in model.named_parameters() if n.endswith(".bias") and block_index(n) is not None]
+    in_blocks = [n for n, _ in base_named_parameters(model) if n.endswith(".bias") and block_index(n) is not None]
     if not in_blocks:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise UserError(

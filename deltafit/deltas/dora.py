@@ -81,6 +81,7 @@ class DoRAUpdate(nn.Module):
 class DoRA(Delta):
     name = "dora"
     family = "reparameterization"
+    exclusive_hosts = True  # the magnitude divides by the column norms of W + BA: another delta's update is not in them
     description = "Weight-decomposed LoRA: a trained magnitude per output times the normalized W0 + B A; merges."
     Config = DoRAConfig
     check_fits = LoRA.check_fits  # the same r beside the same targets

@@ -16,7 +16,7 @@ from typing import Literal
 from torch import nn
 
 from deltafit.deltas._inplace import InPlaceParams
-from deltafit.deltas.base import Delta, DeltaConfig
+from deltafit.deltas.base import Delta, DeltaConfig, base_named_parameters
 
 
 class FullConfig(DeltaConfig):
@@ -35,7 +35,7 @@ class FullFineTuning(Delta):
         self.base_params = InPlaceParams()
 
     def _attach(self, model: nn.Module) -> None:
-        self.base_params.unfreeze(dict(model.named_parameters()), keep_originals=False)
+        self.base_params.unfreeze(dict(base_named_parameters(model)), keep_originals=False)
 
     def _detach(self) -> None:
         self.base_params.clear()
@@ -51,7 +51,7 @@ class FullFineTuning(Delta):
 
     def expected_trainable_params(self, model: nn.Module) -> int:
         # named_parameters de-duplicates tied tensors (e.g. tied input/output embeddings).
-        return sum(p.numel() for p in model.parameters())
+        return sum(p.numel() for _, p in base_named_parameters(model))
 
 
 DELTA = FullFineTuning

@@ -22,7 +22,7 @@ from torch import nn
 
 from deltafit.deltas._inplace import InPlaceDelta
 from deltafit.deltas._targets import find_targets
-from deltafit.deltas.base import TargetedConfig
+from deltafit.deltas.base import TargetedConfig, base_named_modules
 from deltafit.errors import UserError
 
 PEFT_LAYER = ".ln_tuning_layers."  # PEFT keeps the trained copy of a norm under this child
@@ -53,7 +53,7 @@ class LayerNormTuning(InPlaceDelta):
                 for p_name, p in module.named_parameters(recurse=False)}
 
     def _norms(self, model: nn.Module) -> dict[str, nn.Module]:
-        kinds = tuple({type(m) for m in model.modules() if is_norm(m)})
+        kinds = tuple({type(m) for _, m in base_named_modules(model) if is_norm(m)})
         if not kinds:
             model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
             raise UserError(f"method 'layernorm': this model ({model_type}) has no LayerNorm/RMSNorm module with "

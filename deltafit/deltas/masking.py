@@ -109,6 +109,7 @@ class WeightMask(nn.Module):
 class Masking(Delta):
     name = "masking"
     family = "specification"
+    exclusive_hosts = True  # the mask multiplies W itself: another delta's update would not be masked
     description = ("Learned binary masks over the base weights (W0 * mask), trained straight-through; 1-bit "
                    "checkpoint; merges.")
     zero_init_identity = False  # ~5% of the weights start masked (init_keep)

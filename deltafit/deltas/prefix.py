@@ -71,6 +71,7 @@ class PrefixTuning(Delta):
     not_mergeable_because = "prefix keys/values are extra attention inputs, not a change of weights"
     zero_init_identity = False
     supports_packing = False  # one prefix per row, and transformers' packed masks exclude a cache
+    input_slot = "cache"
     Config = PrefixConfig
 
     def _attach(self, model: nn.Module) -> None:

@@ -65,6 +65,7 @@ class PromptTuning(Delta):
     not_mergeable_because = "the prompt is extra input tokens, not a change of weights"
     zero_init_identity = False
     supports_packing = False  # the prompt would precede only the first example of a packed row
+    input_slot = "embeddings"
     Config = PromptConfig
 
     def _attach(self, model: nn.Module) -> None:

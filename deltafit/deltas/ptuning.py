@@ -94,6 +94,7 @@ class PTuning(Delta):
     not_mergeable_because = "the virtual tokens are extra input tokens, not a change of weights"
     zero_init_identity = False
     supports_packing = False  # the prompt would precede only the first example of a packed row
+    input_slot = "embeddings"
     Config = PTuningConfig
 
     def _attach(self, model: nn.Module) -> None:

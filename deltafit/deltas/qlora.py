@@ -63,6 +63,7 @@ class QLoRAConfig(TargetedConfig):
 class QLoRA(Delta):
     name = "qlora"
     family = "reparameterization"
+    exclusive_hosts = True  # the weights become 4-bit: nothing else may train or fold into them
     description = ("LoRA on a base whose linear weights are stored 4-bit NF4 (double-quantized); "
                    "merges into the dequantized base.")
     lossy_base = True

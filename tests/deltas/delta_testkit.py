@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -26,6 +28,13 @@ class Arch:
     name: str
     pristine: nn.Module
     head: list[str] = field(default_factory=list)
+    directory: Optional[Path] = None  # the model directory it was loaded from
+    files: Optional[Path] = None  # where files made for this model go (FILE_OPTIONS), a temporary directory
+    _made: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def task(self) -> str:
+        return "causal-lm" if self.name in CAUSAL else "seq-cls"
 
     def fresh(self) -> nn.Module:
         return copy.deepcopy(self.pristine)
@@ -33,8 +42,18 @@ class Arch:
     def batch(self) -> dict[str, torch.Tensor]:
         return make_batch(self.name)
 
+    def file_options(self, method: str) -> dict:
+        """The options of `method` that name files made for this model (FILE_OPTIONS; {} for most
+        methods), made on first use and reused by every test of the module."""
+        if method not in FILE_OPTIONS:
+            return {}
+        if method not in self._made:
+            assert self.files is not None, f"load_arch(..., files=a temporary directory): '{method}' needs files"
+            self._made[method] = FILE_OPTIONS[method](self, self.files / method)
+        return self._made[method]
 
-def load_arch(name: str, directory) -> Arch:
+
+def load_arch(name: str, directory, files: Optional[Path] = None) -> Arch:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     quiet_transformers()
@@ -44,7 +63,7 @@ def load_arch(name: str, directory) -> Arch:
     else:  # BERT seq-cls: the pooler and classifier are missing from the checkpoint, so they are the head
         model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=2)
         head = ["classifier", "bert.pooler"]
-    return Arch(name, model.eval(), head)
+    return Arch(name, model.eval(), head, directory=Path(directory), files=files)
 
 
 def make_batch(arch: str, size: int = 3, length: int = 7) -> dict[str, torch.Tensor]:
@@ -139,9 +158,9 @@ def block_of(name: str):
 
 
 def saved_checkpoint(directory, model_dir, delta: dict, task: str = "causal-lm", data_format: str = "alpaca",
-                     scale: float = 0.2, train: dict | None = None):
+                     scale: float = 0.2, train: dict | None = None, seed: int = 7):
     """(checkpoint dir, model, delta): a deltafit checkpoint of a freshly attached delta, perturbed by
-    `scale` so that it changes the output, as `deltafit train` would write it."""
+    `scale` (noise drawn with `seed`) so that it changes the output, as `deltafit train` would write it."""
     from deltafit import checkpoint, deltas
     from deltafit.model import build_model
     from deltafit.recipe import recipe_from_dict
@@ -154,6 +173,23 @@ def saved_checkpoint(directory, model_dir, delta: dict, task: str = "causal-lm",
     torch.manual_seed(0)
     attached = deltas.build(recipe.delta)
     attached.attach(model, head=head)
-    perturb(attached, scale=scale)
+    perturb(attached, scale=scale, seed=seed)
     meta = checkpoint.metadata(recipe, attached, None, step=1, epoch=0.0)
     return checkpoint.save(directory, meta, attached.state_dict(), recipe.to_dict()), model.eval(), attached
+
+
+def fusion_sources(directory, model_dir, task: str, seeds: tuple[int, ...] = (7, 8)) -> list[str]:
+    """Stage-1 checkpoints for AdapterFusion, one per seed: small adapters (bottleneck 8, base norms)
+    perturbed away from zero and from each other (identical sources would give the attention nothing
+    to choose between), saved as `deltafit train` saves them."""
+    stage1 = {"method": "adapter", "bottleneck": 8, "train_layernorms": False}
+    return [str(saved_checkpoint(Path(directory) / f"adapter-{seed}", model_dir, stage1, task=task, seed=seed)[0])
+            for seed in seeds]
+
+
+# Methods whose options name files that must first be made for the model at hand: method ->
+# maker(arch, directory) -> options. AdapterFusion fuses stage-1 adapter checkpoints trained on that
+# model. `Arch.file_options` runs each maker once per arch (the files go under `Arch.files`).
+FILE_OPTIONS: dict[str, Callable[[Arch, Path], dict]] = {
+    "adapter-fusion": lambda arch, where: {"adapters": fusion_sources(where, arch.directory, arch.task)},
+}

@@ -1,7 +1,9 @@
 """The Delta contract, run over every method in the registry on a tiny Llama (causal LM), a tiny
 BERT (sequence classification) and a tiny GPT-2 (causal LM whose projections are transformers'
 Conv1D, weight stored in x out). A method added to `deltafit.deltas.METHODS` is tested here without
-touching this file; give it small options in OPTIONS if its defaults are heavy.
+touching this file; give it small options in OPTIONS if its defaults are heavy, and, if its options
+name files that must first be made for each model (AdapterFusion's stage-1 adapter checkpoints), a
+maker in delta_testkit.FILE_OPTIONS: `options(method, spec)` merges both.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from delta_testkit import forward, hook_count, load_arch, make_batch, numel, per
 OPTIONS = {
     "lora": {"r": 4, "alpha": 8},
     "adapter": {"bottleneck": 8},
+    "parallel-adapter": {"bottleneck": 8},
+    "mam": {"prefix_tokens": 4, "prefix_hidden": 16, "bottleneck": 8},
+    "unipelt": {"prefix_tokens": 4, "prefix_hidden": 16, "bottleneck": 8},
     "prefix": {"num_virtual_tokens": 4, "hidden": 16},
     "prompt": {"num_virtual_tokens": 4, "init": "random"},
     "lamda": {"r": 4}, "lamda-pp": {"r": 4},
@@ -42,19 +47,24 @@ REFUSED = [c for c in CASES if tuple(c.values) in REFUSES]
 
 
 @pytest.fixture(scope="module")
-def archs(tiny_llama, tiny_bert, tiny_gpt2):
-    return {"llama": load_arch("llama", tiny_llama), "bert": load_arch("bert", tiny_bert),
-            "gpt2": load_arch("gpt2", tiny_gpt2)}
+def archs(tiny_llama, tiny_bert, tiny_gpt2, tmp_path_factory):
+    dirs = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
+    return {name: load_arch(name, d, files=tmp_path_factory.mktemp(f"{name}-files")) for name, d in dirs.items()}
 
 
-def build(method: str):
-    return deltas.build(validate_delta({"method": method, **OPTIONS.get(method, {})}))
+def options(method: str, spec) -> dict:
+    """OPTIONS plus the options naming files made for this arch's model (delta_testkit.FILE_OPTIONS)."""
+    return {**OPTIONS.get(method, {}), **spec.file_options(method)}
+
+
+def build(method: str, spec):
+    return deltas.build(validate_delta({"method": method, **options(method, spec)}))
 
 
 def attached(archs, method: str, arch: str):
     """(model, delta, expected count computed before attaching, arch) for a fresh model."""
     spec = archs[arch]
-    model, delta = spec.fresh(), build(method)
+    model, delta = spec.fresh(), build(method, spec)
     torch.manual_seed(0)
     expected = delta.expected_trainable_params(model)
     delta.attach(model, head=spec.head)
@@ -66,7 +76,7 @@ def stored_base(spec, method: str):
     4-bit weights) the model after an untrained attach + detach, i.e. the base as the delta stores it."""
     model = spec.fresh()
     if deltas.get(method).lossy_base:
-        delta = build(method)
+        delta = build(method, spec)
         delta.attach(model, head=spec.head)
         delta.detach()
     return model
@@ -93,7 +103,7 @@ def test_registry_entry_is_complete(method):
 
 @pytest.mark.parametrize("method,arch", REFUSED)
 def test_refuses_unsupported_model_with_user_error(archs, method, arch):
-    model, delta = archs[arch].fresh(), build(method)
+    model, delta = archs[arch].fresh(), build(method, archs[arch])
     with pytest.raises(UserError):
         delta.expected_trainable_params(model)
     with pytest.raises(UserError):
@@ -124,7 +134,7 @@ def test_param_count_matches_formula(archs, method, arch):
 @pytest.mark.parametrize("method,arch", SUPPORTED)
 def test_delta_params_fp32_on_bf16_base_and_forward_runs(archs, method, arch):
     spec = archs[arch]
-    model, delta = spec.fresh().to(torch.bfloat16), build(method)
+    model, delta = spec.fresh().to(torch.bfloat16), build(method, spec)
     base_ids = {id(p) for p in model.parameters()}
     delta.attach(model, head=spec.head)
     added = [p for p in delta.delta_parameters().values() if id(p) not in base_ids]
@@ -141,7 +151,7 @@ def test_attaches_to_meta_device_model(archs, method, arch):
     spec = archs[arch]
     with torch.device("meta"):
         model = type(spec.pristine)(spec.pristine.config)
-    delta = build(method)
+    delta = build(method, spec)
     expected = delta.expected_trainable_params(model)
     delta.attach(model, head=spec.head)
     params = delta.delta_parameters().values()
@@ -170,8 +180,8 @@ def test_attached_in_eval_mode_the_delta_is_in_eval_mode(archs, method, arch):
     """eval, merge, export and generation attach to a model already in eval mode: the modules the
     delta adds follow it (no dropout, no sampled gates), so two forward passes agree."""
     spec = archs[arch]
-    options = {**OPTIONS.get(method, {}), **({"dropout": 0.5} if _has_dropout(method) else {})}
-    model, delta = spec.fresh().eval(), deltas.build(validate_delta({"method": method, **options}))
+    chosen = {**options(method, spec), **({"dropout": 0.5} if _has_dropout(method) else {})}
+    model, delta = spec.fresh().eval(), deltas.build(validate_delta({"method": method, **chosen}))
     delta.attach(model, head=spec.head)
     perturb(delta)
     assert not [n for n, m in model.named_modules() if m.training], "modules left in training mode"
@@ -239,7 +249,7 @@ def test_detach_without_training_restores_base_bit_for_bit(archs, method, arch):
     spec = archs[arch]
     model = spec.fresh()
     original = snapshot(stored_base(spec, method))
-    delta = build(method)
+    delta = build(method, spec)
     delta.attach(model, head=spec.head)
     delta.detach()
     _assert_structure_restored(model, original)
@@ -253,7 +263,7 @@ def test_detach_after_training(archs, method, arch):
     reference = stored_base(spec, method)
     original = snapshot(reference)
     batch = make_batch(arch)
-    delta = build(method)
+    delta = build(method, spec)
     delta.attach(model, head=spec.head)
     perturb(delta)
     train_step(model, delta, batch)
@@ -322,8 +332,8 @@ def test_one_step_under_autocast(archs, method, arch, precision, dropout):
     """train.mixed_precision bf16/fp16: Accelerate runs forward under torch.autocast (on CPU too) with
     fp32 weights; one trainer-like step must give a finite loss and finite, non-zero gradients."""
     spec = archs[arch]
-    options = {**OPTIONS.get(method, {}), **({"dropout": dropout} if _has_dropout(method) else {})}
-    model, delta = spec.fresh(), deltas.build(validate_delta({"method": method, **options}))
+    chosen = {**options(method, spec), **({"dropout": dropout} if _has_dropout(method) else {})}
+    model, delta = spec.fresh(), deltas.build(validate_delta({"method": method, **chosen}))
     delta.attach(model, head=spec.head)
     perturb(delta)  # zero-init halves (LoRA's B) would leave their partners without a gradient
     params = delta.trainable_parameters()
