@@ -174,14 +174,15 @@ def test_a_composed_recipe_resumes_exactly_evaluates_and_merges_on_the_real_mode
     code, _, err = run_cli(capsys, "train", ROOT / "recipes" / recipe, "--output", whole, *sets)
     assert code == 0, err
     shutil.copytree(whole, cut)
-    shutil.rmtree(cut / "final")
-    shutil.rmtree(step_dir(cut, 6))
+    shutil.rmtree(cut / "final")  # the run ends at step 6 with final/ (no step checkpoint there)
+    assert step_dir(cut, 3).is_dir() and not step_dir(cut, 6).exists()
     code, out, err = run_cli(capsys, "train", ROOT / "recipes" / recipe, "--output", cut, *sets, "--resume")
     assert code == 0 and "resumed from" in out + err, err
     a, b = (load_file(str(run / "final" / "delta.safetensors")) for run in (whole, cut))
     assert a.keys() == b.keys() and len({k.split(".", 1)[0] for k in a} - {"head"}) == 2
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert run_cli(capsys, "eval", cut / "final")[0] == 0
-    assert json.loads((cut / "final-eval.json").read_text())["loss"] > 0
+    result = json.loads((cut / "final-eval.json").read_text())
+    assert (result["examples"] == 64 and result["accuracy"] > 0.5) if "sst2" in recipe else result["loss"] > 0, result
     code, _, err = run_cli(capsys, "merge", cut / "final", "--output", tmp_path / "merged")
     assert code == 0 and (tmp_path / "merged" / "config.json").is_file(), err
