@@ -679,20 +679,33 @@ def recipe_schema() -> dict:
     described = Recipe.model_fields["delta"].description
     model = create_model("Recipe", __base__=Recipe, delta=(delta, Field(default_factory=dict, description=described)))
     schema = model.model_json_schema()
+    _one_section_or_a_list(schema, described)
     _method_may_be_omitted_only_for_the_default(schema)
     # Top-level 'x-' keys hold YAML anchors (recipe_from_dict drops them): allowed, with any value.
     schema["patternProperties"] = {f"^{EXTENSION_PREFIX}": {}}
     schema["description"] = ("A deltafit recipe: model, data, delta (one of the registered methods, told apart by "
-                             "`method`; LoRA when left out), train and log.")
+                             "`method`; LoRA when left out; or a list of them, combined on one base), train and log.")
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+DELTA_SECTION = "DeltaSection"  # the $defs entry: one method's section (the union over methods)
+
+
+def _one_section_or_a_list(schema: dict, described: str) -> None:
+    """`delta` is one method's section or a non-empty list of them (a composition)."""
+    section = {k: v for k, v in schema["properties"]["delta"].items() if k not in ("description", "default")}
+    schema["$defs"][DELTA_SECTION] = section
+    ref = {"$ref": f"#/$defs/{DELTA_SECTION}"}
+    schema["properties"]["delta"] = {"description": described,
+                                     "anyOf": [ref, {"type": "array", "items": ref, "minItems": 1}]}
 
 
 def _method_may_be_omitted_only_for_the_default(schema: dict) -> None:
     """A delta section without `method` is the default method's (LoRA's); every other method's
     branch requires `method`, so such a section matches exactly one branch of the union."""
     default = DeltaSpec.model_fields["method"].default
-    delta = schema["properties"]["delta"]
-    delta["default"] = {"method": default}
+    schema["properties"]["delta"]["default"] = {"method": default}
+    delta = schema["$defs"][DELTA_SECTION]
     for method, ref in delta["discriminator"]["mapping"].items():
         branch = schema["$defs"][ref.rsplit("/", 1)[-1]]
         if method != default:

@@ -6,7 +6,6 @@ the delta and the key."""
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from safetensors.torch import load_file
 from deltafit import deltas
 from deltafit.recipe import TrainSpec, load_recipe, validate_delta
 from tests.helpers import assert_one_clean_line, run_cli, write_recipe
-from tests.test_resume import assert_bitwise_equal, final_tensors, finish, start, wait_for_step
+from tests.test_resume import assert_bitwise_equal, final_tensors, finish, kill_and_resume, start
 
 LORA_IA3 = [{"method": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
             {"method": "ia3", "lr": 3e-2}]
@@ -207,14 +206,7 @@ def test_sigkill_then_resume_is_bitwise_identical_with_schedules(scheduled, tmp_
     reference = final_tensors(tmp_path / "reference")
     assert {k.split(".", 1)[0] for k in reference} == {"adalora", "lisa", "prefix"}
     run = tmp_path / "killed"
-    proc = start(scheduled, run, slow=0.05)
-    wait_for_step(run, 7, proc)  # past the pruning steps, between checkpoints
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run / "final").exists()
-    code, out = finish(start(scheduled, run, "--resume"))
-    assert code == 0, out
-    assert "resumed from" in out
+    kill_and_resume(scheduled, run, 7)  # past the first rank allocations, between checkpoints 6 and 9
     assert_bitwise_equal(final_tensors(run), reference)
 
 

@@ -117,16 +117,23 @@ def reference(recipe, tmp_path):
     return final_tensors(tmp_path / "reference")
 
 
-def test_sigkill_at_an_arbitrary_step_then_resume_is_bitwise_identical(recipe, reference, tmp_path):
-    run = tmp_path / "killed"
+def kill_and_resume(recipe: Path, run: Path, after_step: int) -> int:
+    """SIGKILL a slowed run once it has logged `after_step` (wherever it is then), check it left no
+    final checkpoint, resume it to the end; returns the step it was killed after."""
     proc = start(recipe, run, slow=0.05)
-    killed_after = wait_for_step(run, 8, proc)  # between checkpoints 6 and 9, wherever it is
+    killed_after = wait_for_step(run, after_step, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "final").exists()
     code, out = finish(start(recipe, run, "--resume"))
     assert code == 0, out
     assert "resumed from" in out
+    return killed_after
+
+
+def test_sigkill_at_an_arbitrary_step_then_resume_is_bitwise_identical(recipe, reference, tmp_path):
+    run = tmp_path / "killed"
+    killed_after = kill_and_resume(recipe, run, 8)  # between checkpoints 6 and 9, wherever it is
     assert_bitwise_equal(final_tensors(run), reference)
     # The log is rewritten from the resumed step: every step exactly once, none missing.
     assert logged_steps(run) == list(range(1, STEPS + 1)), f"killed after step {killed_after}"

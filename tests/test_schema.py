@@ -1,8 +1,8 @@
 """`deltafit schema`: the recipe JSON Schema, with every method's options, that real recipes satisfy.
 
 jsonschema is no dependency of deltafit, so `schema_problems` below checks what an editor's YAML
-language server checks (keys, required keys, types, enums and constants, bounds, the delta union);
-when jsonschema happens to be installed, recipes are validated with it as well.
+language server checks (keys, required keys, types, enums and constants, bounds, list sizes, the delta
+union); when jsonschema happens to be installed, recipes are validated with it as well.
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ def schema_problems(value, node: dict, root: dict, at: str = "recipe") -> list[s
     if "enum" in node and value not in node["enum"]:
         return [f"{at}: {value!r} is not one of {node['enum']}"]
     problems = _bound_problems(value, node, at)
+    if isinstance(value, list) and len(value) < node.get("minItems", 0):
+        problems.append(f"{at}: fewer than {node['minItems']} items")
     if isinstance(value, list) and "items" in node:
         for i, item in enumerate(value):
             problems += schema_problems(item, node["items"], root, f"{at}[{i}]")
@@ -129,7 +131,9 @@ def test_schema_help_imports_no_torch():
 
 
 def test_delta_is_a_union_of_every_registered_method_with_all_its_options(schema):
-    delta = schema["properties"]["delta"]
+    one, many = schema["properties"]["delta"]["anyOf"]  # one method's section, or a list of them
+    assert many["type"] == "array" and many["items"] == one and many["minItems"] == 1
+    delta = _resolve(one, schema)
     mapping = delta["discriminator"]["mapping"]
     assert delta["discriminator"]["propertyName"] == "method" and set(mapping) == set(METHODS)
     assert len(delta["oneOf"]) == len(METHODS)
@@ -159,9 +163,9 @@ def test_every_recipe_in_recipes_satisfies_the_schema(recipe, schema):
 
 
 @pytest.mark.parametrize("change, problem", [
-    ({"delta": {"method": "lora", "rank": 8}}, "fits 0 of the oneOf"),  # PEFT's name for r
-    ({"delta": {"method": "prefix", "r": 8}}, "fits 0 of the oneOf"),  # an option of another method
-    ({"delta": {"method": "no-such-method"}}, "fits 0 of the oneOf"),
+    ({"delta": {"method": "lora", "rank": 8}}, "recipe.delta: fits none"),  # PEFT's name for r
+    ({"delta": {"method": "prefix", "r": 8}}, "recipe.delta: fits none"),  # an option of another method
+    ({"delta": {"method": "no-such-method"}}, "recipe.delta: fits none"),
     ({"train": {"lr": -1.0}}, "recipe.train.lr: -1.0 breaks exclusiveMinimum"),
     ({"data": {"train": "x.json", "format": "sharegpt"}}, "recipe.data.format: 'sharegpt' is not one of"),
     ({"data": {"format": "chat"}}, "recipe.data: required key 'train' is missing"),
@@ -180,3 +184,12 @@ def test_method_may_be_left_out_only_for_lora(schema):
     assert schema_problems({**base, "delta": {}}, schema, schema) == []
     assert schema_problems({**base, "delta": {"method": "dora", "r": 4}}, schema, schema) == []
     assert schema_problems({**base, "delta": {"num_virtual_tokens": 8}}, schema, schema) != []  # prefix's key
+
+
+def test_a_list_of_sections_is_a_composition(schema):
+    base = {"model": {"name": "m"}, "data": {"train": "x.json"}}
+    good = [{"method": "lora", "r": 4, "name": "a", "lr": 1e-3}, {"method": "bitfit", "weight_decay": 0.0}]
+    assert schema_problems({**base, "delta": good}, schema, schema) == []
+    assert schema_problems({**base, "delta": []}, schema, schema) != []  # an empty list combines nothing
+    bad = [{"method": "lora", "rank": 4}, {"method": "bitfit"}]
+    assert any("recipe.delta" in p for p in schema_problems({**base, "delta": bad}, schema, schema))

@@ -91,35 +91,30 @@ def test_gates_are_trainable_and_get_gradients(archs, arch):
     assert sorted(grouped) == sorted(id(p) for p in delta.trainable_parameters().values())  # each once
 
 
+def _zero_lora(delta):
+    for _, _, update in delta.parts["lora"].insertions.hosts.values():
+        update.B.zero_()
+
+
+def _zero_adapter(delta):
+    for _, _, bottleneck in delta.parts["adapter"].insertions.hosts.values():
+        bottleneck.up.weight.zero_()
+        bottleneck.up.bias.zero_()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_closing_the_lora_gate_removes_lora_exactly(archs, arch):
+@pytest.mark.parametrize("part, remove", [("lora", _zero_lora), ("adapter", _zero_adapter)], ids=["lora", "adapter"])
+def test_closing_a_gate_removes_its_submodule_exactly(archs, arch, part, remove):
+    """A closed gate (sigmoid exactly 0) == the gate open at 0.5 with that submodule's output zeroed."""
     spec = archs[arch]
     model, delta = trained_like(spec)
     batch = spec.batch()
     gated = forward(model, delta, batch)
-    set_gates(delta, "lora", CLOSED)
+    set_gates(delta, part, CLOSED)
     closed = forward(model, delta, batch)
-    set_gates(delta, "lora", 0.0)
+    set_gates(delta, part, 0.0)
     with torch.no_grad():
-        for _, _, update in delta.parts["lora"].insertions.hosts.values():
-            update.B.zero_()
-    assert torch.equal(closed, forward(model, delta, batch))
-    assert not torch.allclose(closed, gated)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_closing_the_adapter_gate_removes_the_adapter_exactly(archs, arch):
-    spec = archs[arch]
-    model, delta = trained_like(spec)
-    batch = spec.batch()
-    gated = forward(model, delta, batch)
-    set_gates(delta, "adapter", CLOSED)
-    closed = forward(model, delta, batch)
-    set_gates(delta, "adapter", 0.0)
-    with torch.no_grad():
-        for _, _, bottleneck in delta.parts["adapter"].insertions.hosts.values():
-            bottleneck.up.weight.zero_()
-            bottleneck.up.bias.zero_()
+        remove(delta)
     assert torch.equal(closed, forward(model, delta, batch))
     assert not torch.allclose(closed, gated)
 
