@@ -21,7 +21,7 @@ test:
 	$(PY) -m pytest -q -m "not slow and not cuda"
 
 test-slow:
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow --durations=25
 
 lint:
 	$(PY) -m ruff check .

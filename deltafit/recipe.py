@@ -400,6 +400,8 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_document(node)
 
     def construct_mapping(self, node, deep=False):
+        if not isinstance(node, yaml.MappingNode):  # e.g. `!!set [a]`: SafeLoader says "expected a mapping node"
+            return super().construct_mapping(node, deep=deep)
         first_line: dict = {}
         for key_node, _ in node.value:
             if key_node.tag == MERGE_TAG:

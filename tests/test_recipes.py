@@ -69,3 +69,14 @@ def test_yaml_cannot_name_python_objects(tmp_path):
     bad.write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_recipe(bad)
+
+
+@pytest.mark.parametrize("text", ["model: !!set [a]\n", "model: !!omap x\n", "!!set a\n"])
+def test_a_yaml_tag_on_the_wrong_kind_of_node_is_a_user_error(tmp_path, text):
+    """A set or ordered-map tag on a list or a scalar (found by the slow fuzz suite: a ValueError
+    traceback from the duplicate-key check) is invalid YAML, said in one line."""
+    bad = tmp_path / "tagged.yaml"
+    bad.write_text(text)
+    with pytest.raises(UserError, match="not valid YAML") as err:
+        load_recipe(bad)
+    assert "\n" not in str(err.value)
