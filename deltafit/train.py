@@ -229,7 +229,9 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
     # 2. Data first: classification labels decide the size of the model's head.
     tokenizer = load_tokenizer(recipe.model)
     # Causal-LM rows are packed when it saves compute, unless the recipe or the method says otherwise.
-    packing = resolve_packing(recipe.data, recipe.model.task, deltas.build(recipe.delta))
+    probe = deltas.build(recipe.delta)  # an unattached delta: its facts now, its fit on a weightless model below
+    probe.tokenizer = tokenizer
+    packing = resolve_packing(recipe.data, recipe.model.task, probe)
     data = prepare_data(recipe.data.model_copy(update={"packing": packing}), tokenizer, recipe.model.task, t.seed,
                         label_names=_saved_labels(resume_from), batch_size=t.batch_size)
     if not data.train:
@@ -241,8 +243,6 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
         raise UserError(f"recipe key '{_selection_key(t)}': the evaluation data gave no examples to evaluate on")
     check_recipe_fits(recipe, load_config(recipe.model), data.label_names)  # before any weights load
     # The delta's sizes, and the conflicts between the deltas of a composition, on a weightless model.
-    probe = deltas.build(recipe.delta)
-    probe.tokenizer = tokenizer
     probe.check_fits(meta_model(recipe.model, num_labels=len(data.label_names or []) or None))
     # 3. Base model + delta; everything but the delta (and a fresh task head) is frozen.
     model, tokenizer, head = build_model(recipe.model, label_names=data.label_names, tokenizer=tokenizer)
