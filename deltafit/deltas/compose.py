@@ -50,9 +50,6 @@ class ComposeConfig(DeltaConfig):
             raise ValueError("must be a list of delta sections")
         return validate_delta_list([d.model_dump(mode="json") if isinstance(d, DeltaConfig) else d for d in deltas])
 
-    def names(self) -> list[str]:
-        return [part_name(d) for d in self.deltas]
-
     def to_list(self) -> list[dict]:
         """The recipe form: `delta:` as a list of sections."""
         return [d.model_dump(mode="json", exclude_none=False) for d in self.deltas]
@@ -99,10 +96,6 @@ class Compose(Delta):
         a preset maps them to its own options instead (`part_keys`)."""
         indexed = re.sub(r"'delta\.(?!\d)", f"'delta.{index}.", str(error))
         return UserError(f"delta '{name}': {indexed}")
-
-    @property
-    def label(self) -> str:
-        return " + ".join(self.parts)
 
     def packing_blocker(self) -> Optional[str]:
         """Which part keeps the whole from training on packed rows (for data.packing's message)."""
