@@ -78,7 +78,7 @@ class Delta:
     # methods that add inputs in front of each sequence (prompt, prefix): a row holds several.
     supports_packing: ClassVar[bool] = True
     # Composition (a list of deltas on one base; deltafit/deltas/compose.py). The method reads or rewrites
-    # the weights of the modules it attaches to (DoRA's column norms, PiSSA's residual, QLoRA's 4-bit
+    # the weights of the modules it attaches to (DoRA's column norms, QLoRA's 4-bit
     # copy, masks over W): another delta on one of those modules would break its math or its merge.
     exclusive_hosts: ClassVar[bool] = False
     # Where the method puts virtual tokens in front of every sequence: "embeddings" (prompt tuning,
