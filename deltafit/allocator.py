@@ -1,19 +1,22 @@
-"""Where training's memory comes from: tcmalloc when the machine has it, a tuned glibc malloc otherwise.
+"""Where training's memory comes from: tcmalloc when the machine has it, the C library's malloc otherwise.
 
 A CPU training step allocates and frees the same activation-sized tensors again and again (about
-8 GB of them per step for SmolLM2-135M at 8 x 256 tokens). glibc's malloc serves them one of two
-ways, both bad here (measured with `scripts/bench.py` workers, q/v LoRA, same batches):
-- from its heap (the default): holes left by freed tensors fragment it, and it keeps them: peak
-  RSS 4.5 GB where 2.8 GB is live; 4.1 s/step;
-- each from its own mmap (a low M_MMAP_THRESHOLD, `tune_glibc`): compact, 2.8 GB, but every
-  tensor is fresh memory, one page fault per 4 KiB: 14 M faults, 6.6 s/step.
-gperftools' tcmalloc keeps freed blocks in size classes and hands them back whole: 2.98 GB and
-3.9 s/step, the best of both. An allocator can only be swapped before the process starts, so
-`deltafit train` re-executes itself once with the library in LD_PRELOAD (what PyTorch's own
+8 GB of them per step for SmolLM2-135M at 8 x 256 tokens). Measured with `scripts/bench.py` workers
+(q/v LoRA, same batches, fp32; the reference is Trainer + PEFT on glibc's malloc at 5.6 GB):
+- glibc's malloc as it comes: freed tensors leave holes in its heap that it keeps, so peak RSS is
+  4.4 GB where 2.8 GB is live, at about the reference's speed or better (1.05-1.3x its tokens/s);
+- glibc with a low mmap threshold (each large tensor its own mmap, which deltafit used to set):
+  compact, 2.8 GB, but every tensor is fresh memory, a page fault per 4 KiB: 0.75x the reference's
+  speed. Slower than the reference is worse than fatter than deltafit could be, so it is gone;
+  transparent huge pages for glibc's chunks (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`) did not
+  change either figure beyond the noise.
+gperftools' tcmalloc keeps freed blocks in size classes and hands them back whole: 2.97 GB at the
+speed of glibc's heap, the best of both. An allocator can only be swapped before the process starts,
+so `deltafit train` re-executes itself once with the library in LD_PRELOAD (what PyTorch's own
 `torch.backends.xeon.run_cpu` launcher does). `make install` unpacks Debian's tcmalloc package
 into the virtualenv when apt is there; a system-wide libtcmalloc_minimal.so.4 is found too.
 
-DELTAFIT_ALLOCATOR: `auto` (default: tcmalloc if found), `system` (no preload; glibc tuned), or
+DELTAFIT_ALLOCATOR: `auto` (default: tcmalloc if found), `system` (no preload: the C library's malloc), or
 the path of a malloc library to preload.
 """
 
@@ -29,8 +32,6 @@ TRIED = "DELTAFIT_ALLOCATOR_TRIED"  # set before re-executing: a second start ne
 LIBRARY = "libtcmalloc_minimal.so.4"
 DEBIAN_PACKAGE = "libtcmalloc-minimal4"
 PRELOADED_NAMES = ("libtcmalloc", "libjemalloc", "libmimalloc")  # a user's own LD_PRELOAD is respected
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
-MMAP_THRESHOLD_BYTES = 256 * 2**10
 
 
 def find_library(environ: Optional[dict] = None) -> Optional[str]:
@@ -91,36 +92,7 @@ def reexec_with_allocator(argv: list[str]) -> None:
     try:
         os.execve(sys.executable, [sys.executable, "-m", "deltafit", *argv], env)
     except OSError:
-        pass  # training still works with the C library's malloc: tune_glibc takes over
-
-
-def tune_glibc() -> bool:
-    """Under glibc's malloc, give every allocation of 256 KiB or more its own mmap, returned to the OS when freed.
-
-    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
-    activation-sized tensors come from the heap, whose freed holes are kept by the process and grow
-    step after step. A fixed threshold stops the ratchet (peak RSS 4.5 -> 2.8 GB on SmolLM2 q/v) at
-    the price of a page fault per 4 KiB of every large tensor (about 1.6x the step time there, and
-    on MiniLM SST-2). Memory wins in this fallback: a machine without tcmalloc is more often short
-    of memory than of patience. It changes where memory comes from, never a computed value. No-op
-    under another allocator, and off glibc (macOS, musl, Windows). Done once per process.
-    """
-    global _glibc_tuned
-    if _glibc_tuned is None:
-        _glibc_tuned = sys.platform.startswith("linux") and not loaded() and _set_mmap_threshold()
-    return _glibc_tuned
-
-
-_glibc_tuned: Optional[bool] = None
-
-
-def _set_mmap_threshold() -> bool:
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):
-        return False
+        pass  # training still works with the C library's malloc
 
 
 def describe() -> str:
@@ -128,7 +100,7 @@ def describe() -> str:
     path = loaded()
     if path:
         return Path(path).name.split(".so")[0].removeprefix("lib")
-    return "glibc, mmap >= 256 KiB" if _glibc_tuned else "system malloc"
+    return "system malloc"
 
 
 def fetch_into(directory: Path) -> str:

@@ -35,7 +35,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from deltafit import checkpoint, deltas, precision, sharding
-from deltafit.allocator import tune_glibc
 from deltafit.data import batch_tokens, make_collator, prepare_data, resolve_packing, use_packed_attention
 from deltafit.errors import Interrupted, UserError
 from deltafit.evaluate import evaluate_loop
@@ -196,7 +195,6 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
     t = recipe.train
     _check_trackers(recipe.log.trackers)
     selection = _selection(recipe)  # before any data or weights load
-    tune_glibc()  # under glibc's malloc, large tensors get their own mmap (a no-op under tcmalloc: allocator.py)
     # 1. Accelerate: precision, accumulation and (when launched so) several processes.
     _forget_single_process_state()
     # auto (the default) is bf16 where the hardware has native bf16 matmuls, else fp32: precision.py

@@ -29,7 +29,9 @@ Allocator: each deltafit run starts the way `deltafit train` starts, with tcmall
 machine has it (deltafit/allocator.py; `make install` fetches it), else glibc with deltafit's
 mmap threshold. The reference starts with the C library's malloc, as its users run it;
 `--reference-malloc deltafit` gives it tcmalloc too, to show how much of a difference is the
-allocator. The `malloc` column says what each run had.
+allocator. When tcmalloc is there, a `deltafit-system-malloc` run per pair shows a user without it
+(`pip install` on a machine without apt, macOS): the same run on the C library's malloc, as the
+reference has (`--no-fallback` skips it). The `malloc` column says what each run had.
 
 Distance to the limit: at start the parent measures this machine's matmul peak (GFLOP/s of a large
 matmul, best of several, fp32 and bf16; on a GPU a larger one), and every run reports the GFLOP/s its
@@ -126,6 +128,8 @@ def plan(args) -> list[list[Job]]:
                      Job("reference", label, **spec, preload=args.reference_malloc == "deltafit")]
             if spec["task"] == "causal-lm" and args.packing:
                 group.append(Job("deltafit-defaults", label, **spec, sets=list(args.set), preload=True))
+            if args.fallback:  # a user without tcmalloc: the C library's malloc, as the reference has
+                group.append(Job("deltafit-system-malloc", label, **spec, sets=_same_batching(args)))
             groups.append(group)
     return groups
 
@@ -473,7 +477,8 @@ def markdown(summary: dict, scaling: dict | None, meta: dict) -> str:
     lines += ["", "deltafit / reference, per interleaved pair (real tok/s: higher is better; s/step and memory: "
               "lower). "
               "`deltafit`: same batching as the reference (data.packing=false, padding to the longest row); "
-              "`deltafit-defaults`: deltafit's defaults (packed rows, per-example attention):", "",
+              "`deltafit-defaults`: deltafit's defaults (packed rows, per-example attention); "
+              "`deltafit-system-malloc`: as `deltafit`, on the C library's malloc (no tcmalloc):", "",
               "| workload | deltafit run | metric | median | min | max |",
               "| --- | --- | --- | ---: | ---: | ---: |"]
     names = dict(RATIOS)
@@ -580,6 +585,8 @@ def parse_args(argv=None):
     p.add_argument("--packing", choices=("auto", "on", "off"), default="auto",
                    help="add a run of deltafit's defaults (packing) to causal-LM pairs "
                         "(auto: when the recipe has data.packing)")
+    p.add_argument("--no-fallback", dest="fallback", action="store_false",
+                   help="skip the deltafit-system-malloc runs (deltafit without tcmalloc)")
     p.add_argument("--reference-malloc", choices=("system", "deltafit"), default="system",
                    help="the reference's malloc: the C library's (default, as its users run it) or the one "
                         "deltafit preloads (to see how much of the difference is the allocator)")
@@ -597,6 +604,10 @@ def parse_args(argv=None):
                                         ["smollm2-qv", "smollm2-all-linear", "minilm-sst2"])
     args.lengths = args.lengths or list(SCALING_LENGTHS)
     args.precisions = args.precisions or (["fp32"] if quick else ["fp32", "bf16"])
+    if args.fallback:  # without tcmalloc the `deltafit` runs already are the fallback
+        from deltafit.allocator import find_library
+
+        args.fallback = find_library() is not None
     if not set(args.precisions) <= {"fp32", "bf16"}:
         p.error(f"--precisions {','.join(args.precisions)}: give fp32, bf16 or both (comma-separated)")
     args.no_scaling = args.no_scaling or quick

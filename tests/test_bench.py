@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import deltafit.loss as loss_module
+from deltafit.allocator import find_library
 from deltafit.loss import causal_lm_loss, chunked_cross_entropy, supports_chunked_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,12 @@ def test_quick_bench_runs_both_systems_and_writes_tables(tmp_path, tiny_llama, a
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     runs = {r["system"]: r for r in results["runs"]}
+    fallback = runs.pop("deltafit-system-malloc", None)  # run when tcmalloc is there, to show a user without it
     assert set(runs) == {"deltafit", "reference"}
+    assert (fallback is not None) == (find_library() is not None)
+    if fallback is not None:  # the allocator decides where memory comes from, never a computed value
+        assert fallback["malloc"] == "system malloc" and runs["deltafit"]["malloc"].startswith("tcmalloc")
+        assert fallback["final_loss"] == runs["deltafit"]["final_loss"]
     for run in runs.values():
         assert run["steps"] == 2 and run["real_tokens_per_s"] > 0 and run["peak_rss_gb"] > 0
         assert 0 < run["real_fraction"] <= 1 and math.isfinite(run["final_loss"])
@@ -75,9 +81,13 @@ def test_plan_runs_each_workload_in_each_precision_and_qlora_alone(tmp_path, alp
 
     args = parse_args(["--workloads", "smollm2-qv,qlora-qv", "--precisions", "fp32,bf16", "--packing", "off",
                        "--llm-data", str(alpaca_file), "--cls-data", str(alpaca_file)])
+    args.fallback = False
     groups = {group[0].label: group for group in plan(args)}
     assert set(groups) == {"smollm2-qv", "smollm2-qv bf16", "qlora-qv", "qlora-qv bf16"}
     assert [(j.system, j.precision) for j in groups["smollm2-qv bf16"]] == [("deltafit", "bf16"), ("reference", "bf16")]
+    args.fallback = True  # what parse_args sets where tcmalloc is found: one more run, on the C library's malloc
+    fallback = plan(args)[0][-1]
+    assert (fallback.system, fallback.preload, fallback.sets) == ("deltafit-system-malloc", False, plan(args)[0][0].sets)
     assert [j.system for j in groups["qlora-qv"]] == ["deltafit"] and "delta.method=qlora" in groups["qlora-qv"][0].sets
     with pytest.raises(SystemExit):
         parse_args(["--precisions", "fp16", "--llm-data", str(alpaca_file), "--cls-data", str(alpaca_file)])

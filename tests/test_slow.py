@@ -35,28 +35,32 @@ def glue(task: str, capsys) -> tuple[list[str], bool]:
 
 
 def test_quickstart_learns_to_write_the_records(tmp_path, capsys):
-    """The quickstart as the README runs it: train, then loss and generated records on the 64 unseen
-    sentences, base vs trained; then generate, report and the hand-written held-out sentences."""
+    """The quickstart as the README runs it: train; eval loss on the 64 unseen builtin sentences, base
+    vs trained; generated records on the hand-written held-out sentences, base vs trained; then
+    generate and report. (Generation dominates the time, so it runs on the held-out files only.)"""
     out = tmp_path / "quickstart"
     code, _, err = run_cli(capsys, "train", ROOT / "recipes" / "quickstart.yaml", "--output", out)
     assert code == 0, err
-    scored = ("--generate", "--metrics", "exact_match,json", "--max-new-tokens", "48")
-    assert run_cli(capsys, "eval", out / "final", *scored)[0] == 0
-    # the base model never stops early (no JSON, no end): 16 of the sentences show it, at a quarter of the time
-    assert run_cli(capsys, "eval", out / "final", "--base", *scored, "--max-examples", "16")[0] == 0
+    assert run_cli(capsys, "eval", out / "final")[0] == 0
+    assert run_cli(capsys, "eval", out / "final", "--base")[0] == 0
     tuned = json.loads((out / "final-eval.json").read_text())
     base = json.loads((out / "final-eval-base.json").read_text())
-    assert tuned["loss"] < 0.5 * base["loss"], (tuned, base)
-    assert tuned["gen_examples"] == 64 and tuned["gen_json_valid"] > 0.9, tuned
-    assert tuned["gen_json_exact"] > base["gen_json_exact"] + 0.4, (tuned, base)
+    assert tuned["tokens"] > 0 and tuned["loss"] < 0.5 * base["loss"], (tuned, base)
+    scored = ("--generate", "--metrics", "exact_match,json", "--max-new-tokens", "48")
+    fixtures = ROOT / "tests" / "fixtures"
+    # the base model never stops early (no JSON, no end): 16 of the sentences show it, at a third of the time
+    assert run_cli(capsys, "eval", out / "final", "--base", "--data", fixtures / "quickstart_heldout.jsonl",
+                   *scored, "--max-examples", "16", "-o", tmp_path / "base.json")[0] == 0
+    base = json.loads((tmp_path / "base.json").read_text())
+    for heldout in ("quickstart_heldout.jsonl", "quickstart_heldout2.jsonl"):  # hand-written, unlike the generator
+        result = tmp_path / f"{heldout}.json"
+        assert run_cli(capsys, "eval", out / "final", "--data", fixtures / heldout, *scored, "-o", result)[0] == 0
+        tuned = json.loads(result.read_text())
+        assert tuned["gen_json_valid"] > 0.9 and tuned["gen_json_exact"] > 0.6, (heldout, tuned)
+        assert tuned["gen_json_exact"] > base["gen_json_exact"] + 0.4, (heldout, tuned, base)
     code, answer, err = run_cli(capsys, "generate", out / "final", "--max-new-tokens", "48",
                                 "--prompt", "Person: Odalys Quent, 41, repairs clocks in Varnemo.\nJSON:")
     assert code == 0 and json.loads(answer)["name"] == "Odalys Quent", answer + err
-    for heldout in ("quickstart_heldout.jsonl", "quickstart_heldout2.jsonl"):  # hand-written, unlike the generator
-        result = tmp_path / f"{heldout}.json"
-        assert run_cli(capsys, "eval", out / "final", "--data", ROOT / "tests" / "fixtures" / heldout, *scored,
-                       "-o", result)[0] == 0
-        assert json.loads(result.read_text())["gen_json_exact"] > 0.6, heldout
     code, printed, err = run_cli(capsys, "report", out)
     assert code == 0 and (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", err
 
