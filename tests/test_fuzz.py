@@ -62,9 +62,9 @@ from tests.helpers import report_line
 VALID = Path(__file__).parent / "malformed" / "valid"
 TIMEOUT = {"validate": 90, "eval": 120, "train": 180}  # seconds; a run past it is a hang
 FAST = {"recipe": 7, "data": 5, "data-train": 2, "checkpoint": 4}
-# Sized so `make test-slow` (and so CI) spends about 2.5 minutes here on 2 cores; larger runs:
+# Sized so `make test-slow` (and so CI) spends about 2 minutes here on 2 cores; larger runs:
 # DELTAFIT_FUZZ_EXAMPLES=60 (or recipe=60,data=60,...).
-SLOW = {"recipe": 12, "data": 12, "data-train": 3, "checkpoint": 8}
+SLOW = {"recipe": 10, "data": 10, "data-train": 2, "checkpoint": 6}
 
 
 # ----------------------------------------------------------------------------------------------
