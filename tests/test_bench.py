@@ -86,8 +86,8 @@ def test_plan_runs_each_workload_in_each_precision_and_qlora_alone(tmp_path, alp
     assert set(groups) == {"smollm2-qv", "smollm2-qv bf16", "qlora-qv", "qlora-qv bf16"}
     assert [(j.system, j.precision) for j in groups["smollm2-qv bf16"]] == [("deltafit", "bf16"), ("reference", "bf16")]
     args.fallback = True  # what parse_args sets where tcmalloc is found: one more run, on the C library's malloc
-    fallback = plan(args)[0][-1]
-    assert (fallback.system, fallback.preload, fallback.sets) == ("deltafit-system-malloc", False, plan(args)[0][0].sets)
+    first = plan(args)[0]
+    assert (first[-1].system, first[-1].preload, first[-1].sets) == ("deltafit-system-malloc", False, first[0].sets)
     assert [j.system for j in groups["qlora-qv"]] == ["deltafit"] and "delta.method=qlora" in groups["qlora-qv"][0].sets
     with pytest.raises(SystemExit):
         parse_args(["--precisions", "fp16", "--llm-data", str(alpaca_file), "--cls-data", str(alpaca_file)])

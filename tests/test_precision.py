@@ -17,9 +17,19 @@ def cpu_only(monkeypatch):
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
 
 
-def test_explicit_choices_pass_through():
+def test_explicit_choices_pass_through(cpu_only, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: ["AMX-BF16"])
     for choice in ("no", "bf16", "fp16"):
         assert precision.resolve(choice) == (choice, "train.mixed_precision says so")
+
+
+def test_an_explicit_bf16_on_a_cpu_that_emulates_it_is_warned_in_the_first_line(cpu_only, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: [])
+    choice, why = precision.resolve("bf16")
+    assert choice == "bf16"  # the recipe's choice stands: it is slow, not wrong
+    line = precision.line(choice, why)
+    assert line.startswith("precision: bf16 autocast") and "emulated here and far slower than fp32" in line
+    assert precision.resolve("no") == ("no", "train.mixed_precision says so")
 
 
 def test_auto_is_bf16_on_a_cpu_with_native_bf16(cpu_only, monkeypatch):
