@@ -24,6 +24,7 @@ raised by the loop (an OSError from during_save is a failed checkpoint write).
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -260,6 +261,8 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
     own_fsdp = t.fsdp and accelerator.num_processes > 1
     if own_fsdp:
         model = sharding.shard_model(model, accelerator, delta)
+    if t.compile:  # after sharding, as FSDP2 wants; the state dict's names stay as they are
+        _compile_blocks(model, accelerator.device)
     # 4. Optimizer, schedule and loaders, then hand them all to Accelerate.
     collate = make_collator(tokenizer.pad_token_id, recipe.model.task)
     batches_per_process = math.ceil(math.ceil(len(data.train) / t.batch_size) / accelerator.num_processes)
@@ -299,6 +302,23 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
         log.close()
     log.done(final)
     return final
+
+
+def _compile_blocks(model, device) -> None:
+    """train.compile: torch.compile each transformer block in place. The blocks are alike, so dynamo
+    compiles one graph and reuses it for all (regional compilation: seconds per block, not minutes
+    for the whole model); dynamic shapes, because batch lengths vary from step to step."""
+    from deltafit.deltas._blocks import find_blocks
+
+    if device.type == "cpu" and not (os.environ.get("CXX") or any(map(shutil.which, ("g++", "c++", "clang++")))):
+        raise UserError("recipe key 'train.compile': torch.compile on a CPU builds C++ kernels, and no C++ compiler "
+                        "was found (g++, c++ or clang++ on PATH, or CXX); install one or set train.compile: false")
+    try:
+        _, blocks = find_blocks(model)
+    except UserError:  # no single stack of blocks (an encoder-decoder...): the whole model, one graph
+        blocks = [model]
+    for block in blocks:
+        block.compile(dynamic=True)
 
 
 def _loop(run: Run) -> None:
