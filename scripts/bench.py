@@ -26,8 +26,8 @@ pair, `deltafit-defaults`, leaves the recipe's defaults (packed rows with per-ex
 when the recipe has the `data.packing` key. `--set a.b=value` adds overrides to every deltafit run.
 
 Allocator: each deltafit run starts the way `deltafit train` starts, with tcmalloc preloaded when the
-machine has it (deltafit/allocator.py; `make install` fetches it), else glibc with deltafit's
-mmap threshold. The reference starts with the C library's malloc, as its users run it;
+machine has it (deltafit/allocator.py; `make install` fetches it), else the C library's malloc.
+The reference starts with the C library's malloc, as its users run it;
 `--reference-malloc deltafit` gives it tcmalloc too, to show how much of a difference is the
 allocator. When tcmalloc is there, a `deltafit-system-malloc` run per pair shows a user without it
 (`pip install` on a machine without apt, macOS): the same run on the C library's malloc, as the
