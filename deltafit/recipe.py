@@ -248,7 +248,7 @@ class TrainSpec(Section):
     compile: bool = Field(
         False, description="torch.compile each transformer block (one compilation serves them all). The first step "
         "pays for it (about 100 s for SmolLM2-135M on 2 CPU cores) and a CPU needs a C++ compiler. Measured on a "
-        "2-core AVX2 CPU in fp32, where matmuls are 70% of a step: 5% faster after that; it fuses the elementwise "
+        "2-core AVX2 CPU in fp32, where matmuls are 70% of a step: 0-5% faster after that; it fuses the elementwise "
         "work around the matmuls, so it pays more where that work is a larger share (bf16, GPUs) and on long runs.")
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="A NaN/inf loss or gradient: 'stop' the run with a message naming the step (the last "
