@@ -207,6 +207,8 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
                               # total_steps counts optimizer steps whatever the number of processes:
                               # one scheduler step per optimizer step (Accelerate would take one per process).
                               step_scheduler_with_optimizer=False)
+    if t.compile:
+        _check_compiler(accelerator.device)  # before any data or weights load
     resume_from = _resume_checkpoint(output_dir, resume)
     _check_output_dir(output_dir, resume_from, overwrite)
     if overwrite and resume_from is None and accelerator.is_main_process:
@@ -262,7 +264,7 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
     if own_fsdp:
         model = sharding.shard_model(model, accelerator, delta)
     if t.compile:  # after sharding, as FSDP2 wants; the state dict's names stay as they are
-        _compile_blocks(model, accelerator.device)
+        _compile_blocks(model)
     # 4. Optimizer, schedule and loaders, then hand them all to Accelerate.
     collate = make_collator(tokenizer.pad_token_id, recipe.model.task)
     batches_per_process = math.ceil(math.ceil(len(data.train) / t.batch_size) / accelerator.num_processes)
@@ -304,15 +306,20 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
     return final
 
 
-def _compile_blocks(model, device) -> None:
+def _check_compiler(device) -> None:
+    """train.compile on a CPU: inductor builds C++ kernels at the first step, so a missing compiler is
+    said now, in one line, not as a traceback after the weights have loaded."""
+    if device.type == "cpu" and not (os.environ.get("CXX") or any(map(shutil.which, ("g++", "c++", "clang++")))):
+        raise UserError("recipe key 'train.compile': torch.compile on a CPU builds C++ kernels, and no C++ compiler "
+                        "was found (g++, c++ or clang++ on PATH, or CXX); install one or set train.compile: false")
+
+
+def _compile_blocks(model) -> None:
     """train.compile: torch.compile each transformer block in place. The blocks are alike, so dynamo
     compiles one graph and reuses it for all (regional compilation: seconds per block, not minutes
     for the whole model); dynamic shapes, because batch lengths vary from step to step."""
     from deltafit.deltas._blocks import find_blocks
 
-    if device.type == "cpu" and not (os.environ.get("CXX") or any(map(shutil.which, ("g++", "c++", "clang++")))):
-        raise UserError("recipe key 'train.compile': torch.compile on a CPU builds C++ kernels, and no C++ compiler "
-                        "was found (g++, c++ or clang++ on PATH, or CXX); install one or set train.compile: false")
     try:
         _, blocks = find_blocks(model)
     except UserError:  # no single stack of blocks (an encoder-decoder...): the whole model, one graph
