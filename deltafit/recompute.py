@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -116,20 +116,30 @@ class RecomputedActivations:
         self._outputs[storage] = (weakref.ref(output), module, inp, inp._version, output._version, autocast)
 
     def _pack(self, tensor: torch.Tensor):
+        # Never the tensor itself: when autograd saves an op's output (tanh, softmax keep theirs), the
+        # node would then hold its own output, output -> grad_fn -> node -> output, a cycle through C++
+        # that Python's gc cannot see. A node backward never runs (a branch the loss does not use,
+        # such as BERT's pooler under model.pooling mean) never drops it, and each step's whole graph
+        # stays alive. A detached alias shares the storage and the version counter, and holds no node
+        # (autograd itself saves outputs without their grad_fn for this reason).
+        return self._note(tensor) or tensor.detach()
+
+    def _note(self, tensor: torch.Tensor) -> Optional[_Recompute]:
+        """The note to keep instead of `tensor`, when it is a remembered activation output still unchanged."""
         if not self._outputs:
-            return tensor
+            return None
         try:
             entry = self._outputs.get(tensor.untyped_storage().data_ptr())
         except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage (NF4, DTensor...)
-            return tensor
+            return None
         if entry is None:
-            return tensor
+            return None
         ref, module, inp, inp_version, out_version, autocast = entry
         output = ref()
         # A dead output's storage address may belong to another tensor by now; a changed one is not act(input).
         if output is None or tensor.dtype != output.dtype or tensor._version != out_version \
                 or inp._version != inp_version:
-            return tensor
+            return None
         view = (tensor.size(), tensor.stride(), tensor.storage_offset() - output.storage_offset())
         return _Recompute(module, inp, inp_version, autocast, output.shape, view)
 

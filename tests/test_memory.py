@@ -133,6 +133,33 @@ def test_recompute_remembers_nothing_outside_a_training_forward():
     assert recomputed.hooked == 0
 
 
+def test_a_branch_the_loss_does_not_use_is_freed_after_each_step():
+    """model.pooling mean (MiniLM's default) replaces the pooler's output, so the pooler's dense + tanh
+    run in forward but never in backward. An unexecuted node never releases what it saved: if what
+    the saved-tensor hook kept were the tensor itself, the tanh node would hold its own output (a
+    cycle through C++ that Python's gc cannot see) and every step's graph would stay alive, its
+    thousands of small allocations fragmenting the C library's heap (1.25x the reference's memory
+    without tcmalloc in scripts/bench.py, before this was found)."""
+    import gc
+    import weakref
+
+    from deltafit.model import mean_pooling_hook
+
+    model = _tiny_bert()
+    model.bert.register_forward_hook(mean_pooling_hook, with_kwargs=True)
+    outputs = []
+    model.bert.pooler.register_forward_hook(lambda module, args, output: outputs.append(weakref.ref(output)))
+    recomputed = RecomputedActivations().attach(model)
+    ids = torch.randint(0, 120, (3, 11))
+    for _ in range(3):
+        with recomputed.active():
+            loss = model(input_ids=ids, labels=torch.tensor([0, 1, 1])).loss
+        loss.backward()
+        del loss
+    gc.collect()
+    assert len(outputs) == 3 and all(ref() is None for ref in outputs)
+
+
 def test_lora_projections_sharing_an_input_keep_it_once_with_bool_masks():
     from deltafit.deltas._lowrank import LowRankUpdate
 
