@@ -4,10 +4,11 @@ A CPU training step allocates and frees the same activation-sized tensors again 
 8 GB of them per step for SmolLM2-135M at 8 x 256 tokens). Measured with `scripts/bench.py` workers
 (q/v LoRA, same batches, fp32; the reference is Trainer + PEFT on glibc's malloc at 5.6 GB):
 - glibc's malloc as it comes: freed tensors leave holes in its heap that it keeps, so peak RSS is
-  4.4 GB where 2.8 GB is live (0.81x the reference's), at 1.1-1.2x the reference's tokens/s. On
-  MiniLM SST-2 (batch 32 x 64) it is at the reference's speed but keeps more: 1.54 GB against the
-  reference's 1.24 GB (tcmalloc: 0.98 GB). Fixed mmap thresholds of 1-16 MiB, one arena, oneTBB's
-  malloc and a malloc_trim per step each cost 10-45% of the speed for that memory (measured);
+  4.4 GB where 2.8 GB is live (0.8-0.9x the reference's), at 1.1-1.2x the reference's tokens/s. On
+  MiniLM SST-2 (batch 32 x 64) it is at the reference's speed and memory (1.24 GB each; tcmalloc:
+  0.90 GB). Fixed mmap thresholds of 1-16 MiB, one arena, oneTBB's malloc and a malloc_trim per step
+  each cost 10-45% of the speed for less memory; a high trim threshold with a 32 MiB mmap threshold
+  changed neither figure beyond the noise (measured);
 - glibc with a low mmap threshold (each large tensor its own mmap, which deltafit used to set):
   compact, 2.8 GB, but every tensor is fresh memory, a page fault per 4 KiB: 0.75x the reference's
   speed. Slower than the reference is worse than fatter than deltafit could be, so it is gone;
