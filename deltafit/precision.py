@@ -34,14 +34,13 @@ def resolve(requested: str) -> tuple[str, str]:
 
 
 def _emulated_warning(requested: str) -> str:
-    """A bf16 the recipe asks for on a CPU that only emulates it: a matmul there is ~100x slower than in
-    fp32 (measured on an AVX2 EPYC: 1.2 against 170 GFLOP/s), so the first log line says so."""
-    import torch
-
-    if requested != "bf16" or torch.cuda.is_available() or torch.accelerator.is_available() or cpu_bf16_units():
+    """A bf16 the recipe asks for where auto would keep fp32 for the hardware's sake: the first log line
+    says why. On a CPU that emulates bf16 a matmul is ~100x slower than in fp32 (measured on an AVX2
+    EPYC: 1.2 against 170 GFLOP/s); a GPU without native bf16 emulates it too."""
+    if requested != "bf16":
         return ""
-    return ("; but this CPU has neither AMX nor AVX-512 BF16: bf16 is emulated here and far slower than fp32 "
-            "(auto or no would train in fp32)")
+    pick, why = resolve("auto")  # the same probes, in the same order, as auto itself
+    return "" if pick == "bf16" else f"; but {why.removeprefix('auto: ')}, so auto would train in fp32"
 
 
 def cpu_bf16_units() -> list[str]:

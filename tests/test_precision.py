@@ -28,8 +28,18 @@ def test_an_explicit_bf16_on_a_cpu_that_emulates_it_is_warned_in_the_first_line(
     choice, why = precision.resolve("bf16")
     assert choice == "bf16"  # the recipe's choice stands: it is slow, not wrong
     line = precision.line(choice, why)
-    assert line.startswith("precision: bf16 autocast") and "emulated here and far slower than fp32" in line
+    assert line.startswith("precision: bf16 autocast") and "would be emulated and slower than fp32" in line
     assert precision.resolve("no") == ("no", "train.mixed_precision says so")
+
+
+def test_an_explicit_bf16_on_a_gpu_without_native_bf16_is_warned_too(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    choice, why = precision.resolve("bf16")
+    assert choice == "bf16" and why.startswith("train.mixed_precision says so; but Some GPU has no native bf16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert precision.resolve("bf16") == ("bf16", "train.mixed_precision says so")
 
 
 def test_auto_is_bf16_on_a_cpu_with_native_bf16(cpu_only, monkeypatch):
