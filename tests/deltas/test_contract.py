@@ -279,6 +279,45 @@ def test_detach_after_training(archs, method, arch):
 
 
 @pytest.mark.parametrize("method,arch", SUPPORTED)
+def test_a_training_step_leaves_none_of_its_graph_alive(archs, method, arch):
+    """Steps as the trainer runs them (activations recomputed, and on BERT `model.pooling: mean`, whose
+    pooler runs in forward but never in backward): once a step is done, no tensor its forward pass
+    made is still alive. One that is keeps its whole graph, and a run's memory grows every step."""
+    import gc
+    import weakref
+
+    from deltafit.model import mean_pooling_hook
+    from deltafit.recompute import RecomputedActivations
+
+    model, delta, _, spec = attached(archs, method, arch)
+    if arch == "bert":
+        model.bert.register_forward_hook(mean_pooling_hook, with_kwargs=True)
+    made = []
+
+    def remember(module, args, output):
+        made.extend(weakref.ref(t) for t in (output if isinstance(output, tuple) else (output,))
+                    if torch.is_tensor(t) and t.grad_fn is not None)  # not leaves: parameters live on
+
+    for module in model.modules():
+        module.register_forward_hook(remember)
+    recomputed = RecomputedActivations().attach(model)
+    optimizer = torch.optim.AdamW(list(delta.trainable_parameters().values()), lr=1e-3)
+    model.train()
+    for step in range(2):
+        with recomputed.active():
+            loss = model(**delta.prepare_inputs(make_batch(arch))).loss
+        loss.backward()
+        delta.before_optimizer_step(step + 1)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        delta.on_step_end(step + 1, 2)
+        del loss
+    gc.collect()
+    alive = [ref() for ref in made if ref() is not None]
+    assert len(made) > 10 and not alive, [(tuple(t.shape), t.grad_fn) for t in alive[:5]]
+
+
+@pytest.mark.parametrize("method,arch", SUPPORTED)
 def test_merge(archs, method, arch):
     model, delta, _, spec = attached(archs, method, arch)
     if not delta.mergeable:
