@@ -17,8 +17,11 @@ install:
 	# for training, see deltafit/allocator.py). Debian's package unpacked into the venv, no root; skipped without apt.
 	-$(PY) -m deltafit.allocator
 
+# One pytest worker per core (pytest-xdist); the multi-process tests share a worker (tests/test_distributed.py).
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+
 test:
-	$(PY) -m pytest -q -m "not slow and not cuda"
+	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup -m "not slow and not cuda"
 
 test-slow:
 	$(PY) -m pytest -q -m slow --durations=25

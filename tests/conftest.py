@@ -7,10 +7,17 @@ every test loads them exactly the way a user's local model directory is loaded.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers (pytest -n 2) on a 2-core machine: one thread each, and the same
+    # for the processes the tests start, so neither worker's OpenMP threads wait on the other's core.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

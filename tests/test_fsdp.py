@@ -25,6 +25,10 @@ from deltafit.errors import UserError
 from tests.helpers import write_recipe
 from tests.test_distributed import deltafit, max_diff, tensors, write_sums
 
+# Under `pytest -n` (make test): multi-process launches share torchrun's default port, so they run
+# one after another on the same worker (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("multi-process")
+
 TOLERANCE = 1e-5
 
 
