@@ -34,6 +34,7 @@ def glue(task: str, capsys) -> tuple[list[str], bool]:
     return [arg for key, value in keys.items() for arg in ("--set", f"data.{key}={value}")], local
 
 
+@pytest.mark.first  # the longest: under `pytest -n` the other worker runs the rest beside it
 def test_quickstart_learns_to_write_the_records(tmp_path, capsys):
     """The quickstart as the README runs it: train; eval loss on the 64 unseen builtin sentences, base
     vs trained; generated records on the hand-written held-out sentences, base vs trained; then
