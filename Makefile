@@ -17,9 +17,11 @@ install:
 	# for training, see deltafit/allocator.py). Debian's package unpacked into the venv, no root; skipped without apt.
 	-$(PY) -m deltafit.allocator
 
-# One pytest worker per core (pytest-xdist), one thread each (tests/conftest.py); the multi-process
-# tests share a worker (tests/test_distributed.py). Measured on 2 cores: fast suite 862 -> 625 s, slow 994 -> 854 s.
-JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+# One pytest worker per core (pytest-xdist), one thread each (tests/conftest.py), at most 8 (each
+# imports torch, transformers and peft: 0.4 GB before its tests add their own); the multi-process tests
+# share a worker (tests/test_distributed.py).
+# Measured on 2 cores: fast suite 862 -> 625 s, slow 994 -> 854 s.
+JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 8 ] && n=8; echo $$n)
 
 test:
 	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup -m "not slow and not cuda"
