@@ -20,8 +20,9 @@ from safetensors.torch import load_file
 from tests.helpers import write_recipe
 
 # Under `pytest -n` (make test): multi-process launches share torchrun's default port, so they run
-# one after another on the same worker (`--dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("multi-process")
+# one after another on the same worker (`--dist loadgroup`). tests/test_fsdp.py takes the same mark.
+MULTI_PROCESS = pytest.mark.xdist_group("multi-process")
+pytestmark = MULTI_PROCESS
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5

@@ -23,11 +23,9 @@ from safetensors.torch import load_file
 
 from deltafit.errors import UserError
 from tests.helpers import write_recipe
-from tests.test_distributed import deltafit, max_diff, tensors, write_sums
+from tests.test_distributed import MULTI_PROCESS, deltafit, max_diff, tensors, write_sums
 
-# Under `pytest -n` (make test): multi-process launches share torchrun's default port, so they run
-# one after another on the same worker (`--dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("multi-process")
+pytestmark = MULTI_PROCESS  # one worker runs every multi-process launch (see tests/test_distributed.py)
 
 TOLERANCE = 1e-5
 
