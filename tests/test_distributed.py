@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,8 @@ from safetensors.torch import load_file
 
 from tests.helpers import write_recipe
 
-# Under `pytest -n` (make test): multi-process launches share torchrun's default port, so they run
-# one after another on the same worker (`--dist loadgroup`). tests/test_fsdp.py takes the same mark.
+# Under `pytest -n` (make test): the multi-process launches run one after another on the same worker
+# (`--dist loadgroup`), so two of them never share the cores. tests/test_fsdp.py takes the same mark.
 MULTI_PROCESS = pytest.mark.xdist_group("multi-process")
 pytestmark = MULTI_PROCESS
 
@@ -28,15 +29,22 @@ ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
 
 
+def launch_command(processes: int, *argv) -> list[str]:
+    """`deltafit argv...` in `processes` processes, on a port that is free now: in one CI run torchrun's
+    default 29500 was taken (EADDRINUSE) and the launch failed before training."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # --multi_gpu picks Accelerate's torchrun launcher; with no GPU deltafit asks for CPU (gloo).
+    # (`--cpu` alone would start a single process unless MPI is set up.)
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+            "--dynamo_backend", "no", "-m", "deltafit", *map(str, argv)]
+
+
 def deltafit(*argv, processes: int = 1) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    if processes == 1:
-        cmd = [sys.executable, "-m", "deltafit", *argv]
-    else:
-        # --multi_gpu picks Accelerate's torchrun launcher; with no GPU deltafit asks for CPU (gloo).
-        # (`--cpu` alone would start a single process unless MPI is set up.)
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "deltafit", *argv]
+    cmd = [sys.executable, "-m", "deltafit", *argv] if processes == 1 else launch_command(processes, *argv)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from deltafit.errors import UserError
 from tests.helpers import write_recipe
-from tests.test_distributed import MULTI_PROCESS, deltafit, max_diff, tensors, write_sums
+from tests.test_distributed import MULTI_PROCESS, deltafit, launch_command, max_diff, tensors, write_sums
 
 pytestmark = MULTI_PROCESS  # one worker runs every multi-process launch (see tests/test_distributed.py)
 
@@ -108,16 +108,13 @@ def test_methods_that_hold_base_parameters_are_refused(runs, tiny_llama):
     (full fine-tuning here) would train stale copies: refused before the first step, on every process."""
     import os
     import subprocess
-    import sys
 
     from tests.test_distributed import ROOT
 
     tmp = runs["tmp"]
     recipe = write_recipe(tmp / "full.yaml", tiny_llama, {"train": str(tmp / "alpaca.json"), "format": "alpaca"},
                           delta={"method": "full"}, train={"max_steps": 2, "batch_size": 2, "fsdp": True})
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "deltafit", "train",
-           str(recipe), "--output", str(tmp / "full")]
+    cmd = launch_command(2, "train", recipe, "--output", tmp / "full")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
