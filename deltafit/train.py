@@ -265,6 +265,7 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
         model = sharding.shard_model(model, accelerator, delta)
     if t.compile:  # after sharding, as FSDP2 wants; the state dict's names stay as they are
         _compile_blocks(model)
+    undo_casts = _cache_frozen_casts(model, mixed_precision, t, sharded=own_fsdp or _sharded(accelerator))
     # 4. Optimizer, schedule and loaders, then hand them all to Accelerate.
     collate = make_collator(tokenizer.pad_token_id, recipe.model.task)
     batches_per_process = math.ceil(math.ceil(len(data.train) / t.batch_size) / accelerator.num_processes)
@@ -301,9 +302,21 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
         if selection.keeping:
             final = _final_best(run, final)
     finally:
+        undo_casts()
         log.close()
     log.done(final)
     return final
+
+
+def _cache_frozen_casts(model, mixed_precision: str, t, sharded: bool):
+    """Under autocast, cast frozen linear weights once, not at every call (frozen_casts.py). Not with
+    gradient checkpointing (the copies would then outlive the layer's recompute: memory it was asked to
+    save), train.compile (its graphs cast inside), or sharding (each process holds only a shard)."""
+    if mixed_precision == "no" or t.gradient_checkpointing or t.compile or sharded:
+        return lambda: None
+    from deltafit.frozen_casts import cache_frozen_casts
+
+    return cache_frozen_casts(model)
 
 
 def _check_compiler(device) -> None:
