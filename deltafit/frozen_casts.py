@@ -14,6 +14,12 @@ torch does, or its storage is replaced, as a fold does), and is not used at all 
 requires grad (a block LISA unfroze). The caller skips it where the copies would cost memory:
 without gradient checkpointing autocast's copies are saved for backward and alive at the step's
 peak anyway, with it they are not.
+
+The same goes for the activations: q, k and v (and a low-rank delta on each) all take the same
+normed hidden state, which autocast casts to bf16 once per consumer; gate and up likewise. While
+the cache is on, the cast of the last input is kept and handed to every consumer of that tensor
+(`shared_input`), each through its own autograd node whose backward casts that consumer's gradient
+back to fp32, as autocast's cast would, so the gradients still sum in fp32 in the same order.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 CACHE = "_deltafit_cast"  # instance attribute: (weight alias, weight version, cast); not a buffer, never saved
+_last_input: list = []  # [(input, its version, its cast)] while a cache is on: the one input being shared
+_on: list[bool] = []  # one entry per model with the cache on
 
 
 def cache_frozen_casts(model: nn.Module) -> Callable[[], None]:
@@ -33,11 +41,14 @@ def cache_frozen_casts(model: nn.Module) -> Callable[[], None]:
     linears = [m for m in model.modules() if type(m) is nn.Linear]  # subclasses (quantized bases) keep theirs
     for linear in linears:
         linear.forward = types.MethodType(_forward, linear)
+    _on.append(True)
 
     def undo() -> None:
         for linear in linears:
             linear.__dict__.pop("forward", None)
             linear.__dict__.pop(CACHE, None)
+        _on.pop()
+        _last_input.clear()
 
     return undo
 
@@ -49,7 +60,8 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     dtype = torch.get_autocast_dtype(device)
     if weight.dtype == dtype or not weight.is_floating_point():
         return F.linear(x, weight, self.bias)
-    return F.linear(x, _cast(self, weight, dtype), self.bias)  # autocast finds the weight cast and skips it
+    # autocast finds x and the weight already cast, and casts only the bias
+    return F.linear(shared_input(x), _cast(self, weight, dtype), self.bias)
 
 
 def _cast(linear: nn.Linear, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -61,3 +73,34 @@ def _cast(linear: nn.Linear, weight: torch.Tensor, dtype: torch.dtype) -> torch.
             cached = (weight.detach(), weight._version, weight.detach().to(dtype))
         linear.__dict__[CACHE] = cached
     return cached[2]
+
+
+def shared_input(x: torch.Tensor) -> torch.Tensor:
+    """x cast to the autocast dtype once for all its consumers, for a consumer that feeds it straight
+    into a matmul (where autocast would cast it); x itself when the cache is off or nothing to cast."""
+    device = x.device.type
+    if not _on or not torch.is_autocast_enabled(device):
+        return x
+    dtype = torch.get_autocast_dtype(device)
+    if x.dtype == dtype or x.dtype not in (torch.float32, torch.float64):
+        return x
+    if not (_last_input and _last_input[0][0] is x and _last_input[0][1] == x._version
+            and _last_input[0][2].dtype == dtype):
+        with torch.no_grad():
+            _last_input[:] = [(x, x._version, x.detach().to(dtype))]
+    cast = _last_input[0][2]
+    return _SharedCast.apply(x, cast) if x.requires_grad and torch.is_grad_enabled() else cast
+
+
+class _SharedCast(torch.autograd.Function):
+    """x -> the shared cast of x (an alias per consumer); backward: this consumer's gradient cast
+    back to x's dtype, exactly autocast's `_to_copy` backward."""
+
+    @staticmethod
+    def forward(ctx, x, cast):
+        ctx.dtype = x.dtype
+        return cast.view_as(cast)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype), None

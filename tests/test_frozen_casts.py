@@ -57,6 +57,28 @@ def test_the_cached_cast_gives_autocasts_bits_and_is_made_once():
     assert "forward" not in cached.__dict__ and frozen_casts.CACHE not in cached.__dict__
 
 
+def test_an_input_shared_by_several_layers_is_cast_once_with_autocasts_gradients():
+    """q, k and v take the same x: one cast of x, and x's gradient bit for bit autocast's (each
+    consumer's bf16 gradient cast to fp32, then summed in fp32)."""
+    layers = [frozen_linear(seed) for seed in range(3)]
+    x = torch.randn(4, 16, requires_grad=True)
+    with CountWeightCasts(x) as plain_casts:
+        plain = sum(under_bf16(layer, x).float() for layer in layers)
+    grad_plain, = torch.autograd.grad(plain.sum(), x)
+    undo = [frozen_casts.cache_frozen_casts(layer) for layer in layers]
+    with CountWeightCasts(x) as shared_casts:
+        shared = sum(under_bf16(layer, x).float() for layer in layers)
+    grad_shared, = torch.autograd.grad(shared.sum(), x)
+    assert plain_casts.count == 3 and shared_casts.count == 1
+    assert torch.equal(plain, shared) and torch.equal(grad_plain, grad_shared)
+    with torch.no_grad():
+        x.mul_(2)  # written in place: cast anew
+    assert torch.equal(under_bf16(layers[0], x), under_bf16(frozen_linear(0), x))
+    for u in undo:
+        u()
+    assert not frozen_casts._on and not frozen_casts._last_input
+
+
 def test_a_changed_weight_is_cast_again():
     plain, cached = frozen_linear(), frozen_linear()
     frozen_casts.cache_frozen_casts(cached)
@@ -85,9 +107,12 @@ def test_outside_autocast_and_for_trainable_weights_nothing_is_cached():
 
 @pytest.mark.parametrize("delta", [
     {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
+    # No dropout: the LoRA paths take the base layers' shared input cast.
+    {"method": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"},
+    {"method": "vera", "r": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]},
     # LISA opens one block every 2 steps: its weights train, then freeze again changed (cast anew).
     {"method": "lisa", "gamma": 1, "interval": 2},
-], ids=["lora-dropout", "lisa"])
+], ids=["lora-dropout", "lora-all-linear", "vera", "lisa"])
 def test_bf16_training_is_bit_identical_with_and_without_the_cache(tmp_path, capsys, tiny_llama, alpaca_file,
                                                                    monkeypatch, delta):
     """Six bf16 steps with periodic eval: the same losses and the same delta, and the cache was in

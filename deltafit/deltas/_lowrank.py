@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from deltafit.deltas._targets import is_transposed
+from deltafit.frozen_casts import shared_input
 
 
 def lora_scale(alpha: float, r: int, rslora: bool) -> float:
@@ -37,7 +38,7 @@ class LowRankUpdate(nn.Module):
         if _lean_dropout_applies(self.dropout, x):
             down = _DroppedDownProjection.apply(x, *_draw_noise(self.dropout.p, x), self.A)
         else:
-            down = self.dropout(x) @ self.A.t()
+            down = matmul_input(x, self.A.dtype, self.dropout) @ self.A.t()
         return down @ self.B.t() * self.scale
 
     def delta_weight(self) -> torch.Tensor:
@@ -64,6 +65,16 @@ def delta_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     would only add a copy each way (and two more in backward) per adapted layer, for the same
     result (bf16 -> fp32 -> bf16 is exact)."""
     return x if torch.is_autocast_enabled(x.device.type) else x.to(dtype)
+
+
+def matmul_input(x: torch.Tensor, dtype: torch.dtype, dropout: Optional[nn.Module] = None) -> torch.Tensor:
+    """dropout(x) as a delta path's first matmul takes it. With no dropout to apply, under autocast
+    with frozen casts cached, that is the bf16 cast of x which the base layer (and any other delta on
+    x) already made (frozen_casts.shared_input): the values the matmul's own cast would give."""
+    x = delta_input(x, dtype)
+    if dropout is None or isinstance(dropout, nn.Identity) or not dropout.training or dropout.p == 0:
+        return shared_input(x)
+    return dropout(x)
 
 
 def _lean_dropout_applies(dropout: nn.Module, x: torch.Tensor) -> bool:
@@ -264,7 +275,7 @@ class SpectralUpdate(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        code = self.dropout(delta_input(x, self.A.dtype) @ self.A.t())
+        code = self.dropout(matmul_input(x, self.A.dtype) @ self.A.t())
         return (code @ self.S.t()) @ self.b_matrix().t() * self.scale
 
     def b_matrix(self) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from deltafit.deltas._lowrank import ImportanceEMA, cubic_schedule, delta_input, orthogonality_penalty
+from deltafit.deltas._lowrank import ImportanceEMA, cubic_schedule, matmul_input, orthogonality_penalty
 from deltafit.deltas._targets import check_rank, find_targets, in_features, out_features, shape
 from deltafit.deltas.base import Delta, TargetedConfig
 from deltafit.errors import UserError
@@ -90,7 +90,7 @@ class SVDUpdate(nn.Module):
         return self.lora_E.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(delta_input(x, self.lora_A.dtype))
+        x = matmul_input(x, self.lora_A.dtype, self.dropout)
         return (x @ (self.lora_A * self.lora_E).T) @ self.lora_B.T * self.scale
 
     def delta_weight(self) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from deltafit.deltas._lowrank import ImportanceEMA, cubic_schedule, delta_input
+from deltafit.deltas._lowrank import ImportanceEMA, cubic_schedule, matmul_input
 from deltafit.deltas._targets import check_rank, find_targets, in_features, out_features, shape
 from deltafit.deltas.base import Delta, TargetedConfig
 from deltafit.errors import UserError
@@ -76,7 +76,7 @@ class ScaledLowRankUpdate(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(delta_input(x, self.lora_A.dtype))
+        x = matmul_input(x, self.lora_A.dtype, self.dropout)
         return ((x @ self.lora_A.T) * self.lambda_d) @ self.lora_B.T * self.lambda_b
 
     def delta_weight(self) -> torch.Tensor:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from deltafit.deltas._lowrank import delta_input
+from deltafit.deltas._lowrank import matmul_input
 from deltafit.deltas._sparse import from_sparse, to_sparse, top_k_masks
 from deltafit.deltas._targets import find_targets, shape
 from deltafit.deltas.base import HEAD_PREFIX, Delta, TargetedConfig
@@ -96,7 +96,7 @@ class GatedDiff(nn.Module):
         return _stretch(torch.sigmoid(self.alpha))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(delta_input(x, self.delta.dtype), self.gate() * self.delta)
+        return F.linear(matmul_input(x, self.delta.dtype), self.gate() * self.delta)
 
     def delta_weight(self) -> torch.Tensor:
         """The dense diff at eval, z * delta, shaped like the host weight (out x in)."""

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from deltafit.deltas._lowrank import delta_input
+from deltafit.deltas._lowrank import matmul_input
 from deltafit.deltas._targets import find_targets, refuse_above, shape
 from deltafit.deltas.base import Delta, TargetedConfig
 
@@ -144,7 +144,7 @@ class SAIDUpdate(nn.Module):
         return (self.scale * self.projection(theta)).view(self.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(delta_input(x, self.scale.dtype), self.delta_weight())
+        return F.linear(matmul_input(x, self.scale.dtype), self.delta_weight())
 
 
 class SAID(Delta):

@@ -51,7 +51,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from deltafit.deltas._lowrank import delta_input
+from deltafit.deltas._lowrank import matmul_input
 from deltafit.deltas._targets import find_targets, in_features, out_features
 from deltafit.deltas.base import DeltaConfig, base_named_modules
 from deltafit.deltas.compose import Compose
@@ -117,7 +117,7 @@ class Gate(nn.Module):
             nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(nn.functional.linear(delta_input(x, self.weight.dtype), self.weight, self.bias))
+        return torch.sigmoid(nn.functional.linear(matmul_input(x, self.weight.dtype), self.weight, self.bias))
 
 
 class UniPELT(Compose):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from deltafit.deltas._lowrank import delta_input, seeded_kaiming_uniform
+from deltafit.deltas._lowrank import matmul_input, seeded_kaiming_uniform
 from deltafit.deltas._targets import check_within_base, find_targets, in_features, linear_kinds, out_features, shape
 from deltafit.deltas.base import Delta, TargetedConfig
 from deltafit.errors import UserError
@@ -75,7 +75,7 @@ class VeRAUpdate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         A, B = self.projections()
-        x = self.dropout(delta_input(x, self.d.dtype))
+        x = matmul_input(x, self.d.dtype, self.dropout)
         # b scales B's rows (out x r) rather than the output: backward then keeps r numbers per token
         # for this layer instead of out_features.
         return F.linear(F.linear(x, A) * self.d, self.b[:, None] * B)
