@@ -58,7 +58,7 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if weight.requires_grad or not torch.is_autocast_enabled(device):
         return F.linear(x, weight, self.bias)
     dtype = torch.get_autocast_dtype(device)
-    if weight.dtype == dtype or not weight.is_floating_point():
+    if weight.dtype == dtype or not weight.is_floating_point() or weight.is_inference():  # no version counter
         return F.linear(x, weight, self.bias)
     # autocast finds x and the weight already cast, and casts only the bias
     return F.linear(shared_input(x), _cast(self, weight, dtype), self.bias)
@@ -82,7 +82,7 @@ def shared_input(x: torch.Tensor) -> torch.Tensor:
     if not _on or not torch.is_autocast_enabled(device):
         return x
     dtype = torch.get_autocast_dtype(device)
-    if x.dtype == dtype or x.dtype not in (torch.float32, torch.float64):
+    if x.dtype == dtype or x.dtype not in (torch.float32, torch.float64) or x.is_inference():
         return x
     if not (_last_input and _last_input[0][0] is x and _last_input[0][1] == x._version
             and _last_input[0][2].dtype == dtype):

@@ -12,6 +12,14 @@ from deltafit import frozen_casts, train
 from tests.helpers import run_cli, write_recipe
 
 
+@pytest.fixture(autouse=True)
+def cache_switched_off_after():
+    """The shared-input cast is process-wide while any cache is on: no test leaves it on."""
+    yield
+    frozen_casts._on.clear()
+    frozen_casts._last_input.clear()
+
+
 class CountWeightCasts(TorchDispatchMode):
     """Counts bf16 casts of tensors shaped like `weight`."""
 
@@ -77,6 +85,15 @@ def test_an_input_shared_by_several_layers_is_cast_once_with_autocasts_gradients
     for u in undo:
         u()
     assert not frozen_casts._on and not frozen_casts._last_input
+
+
+def test_inference_mode_tensors_have_no_version_and_pass_through():
+    linear = frozen_linear()
+    frozen_casts.cache_frozen_casts(linear)
+    x = torch.randn(4, 16)
+    with torch.inference_mode():
+        got = under_bf16(linear, x * 1)
+    assert torch.equal(got, under_bf16(frozen_linear(), x))
 
 
 def test_a_changed_weight_is_cast_again():
