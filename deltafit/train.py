@@ -265,7 +265,6 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
         model = sharding.shard_model(model, accelerator, delta)
     if t.compile:  # after sharding, as FSDP2 wants; the state dict's names stay as they are
         _compile_blocks(model)
-    undo_casts = _cache_frozen_casts(model, mixed_precision, t, sharded=own_fsdp or _sharded(accelerator))
     # 4. Optimizer, schedule and loaders, then hand them all to Accelerate.
     collate = make_collator(tokenizer.pad_token_id, recipe.model.task)
     batches_per_process = math.ceil(math.ceil(len(data.train) / t.batch_size) / accelerator.num_processes)
@@ -291,6 +290,7 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
     hooks = hooks or (_installed_hooks[-1] if _installed_hooks else TrainHooks())
     run = Run(recipe, accelerator, model, delta, optimizer, scheduler, data.train, collate, eval_loader, progress,
               total_steps, log, output_dir, data.label_names, hooks, selection)
+    undo_casts = _cache_frozen_casts(model, mixed_precision, t, sharded=own_fsdp or _sharded(accelerator))
     # 5. The loop, then the final delta-only checkpoint (written once, by the main process) before
     # the final evaluation: whatever that evaluation meets (an unwritable cache...), the delta is saved.
     # A run stopped early evaluated its last step already. With keep_best, final/ then becomes the best.
