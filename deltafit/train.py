@@ -200,7 +200,9 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
     _forget_single_process_state()
     # auto (the default) is bf16 where the hardware has native bf16 matmuls, else fp32: precision.py
     mixed_precision, precision_why = precision.resolve(t.mixed_precision)
+    probe = deltas.build(recipe.delta)  # an unattached delta: its facts now, its fit on a weightless model below
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=t.grad_accum,
+                              kwargs_handlers=_ddp_kwargs(probe),
                               # Without a GPU, Accelerate only goes multi-process (gloo) when told cpu=True.
                               cpu=not torch.accelerator.is_available(),
                               log_with=recipe.log.trackers or None, project_dir=str(output_dir),
@@ -230,7 +232,6 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
     # 2. Data first: classification labels decide the size of the model's head.
     tokenizer = load_tokenizer(recipe.model)
     # Causal-LM rows are packed when it saves compute, unless the recipe or the method says otherwise.
-    probe = deltas.build(recipe.delta)  # an unattached delta: its facts now, its fit on a weightless model below
     probe.tokenizer = tokenizer
     packing = resolve_packing(recipe.data, recipe.model.task, probe)
     data = prepare_data(recipe.data.model_copy(update={"packing": packing}), tokenizer, recipe.model.task, t.seed,
@@ -317,6 +318,16 @@ def _cache_frozen_casts(model, mixed_precision: str, t, sharded: bool):
     from deltafit.frozen_casts import cache_frozen_casts
 
     return cache_frozen_casts(model)
+
+
+def _ddp_kwargs(delta) -> list:
+    """DDP stops when a parameter it registered as trainable gets no gradient in a step. A delta whose
+    trainable set changes during the run (Delta.trainables_change) has such steps by design, so DDP
+    looks for them each step; their gradients stay None, as on one process (DDP leaves the gradient
+    of a parameter no process used untouched), so AdamW skips them alike."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return [DistributedDataParallelKwargs(find_unused_parameters=True)] if delta.trainables_change else []
 
 
 def _check_compiler(device) -> None:

@@ -228,3 +228,13 @@ def test_a_later_delta_targets_the_base_not_an_earlier_deltas_layers():
     assert any(k.startswith("second.") and k.endswith(".A") and state[k].shape[0] == 3 for k in state)
     delta.detach()
     assert not any("lora" in n for n, _ in model.named_modules())
+
+
+def test_a_composition_with_a_changing_trainable_set_asks_ddp_to_look_for_unused_parameters():
+    from deltafit.train import _ddp_kwargs
+
+    changing = deltas.build(validate_delta([{"method": "lora", "r": 2}, {"method": "lamda", "r": 2,
+                                                                          "target_modules": ["o_proj"]}]))
+    steady = deltas.build(validate_delta([{"method": "lora", "r": 2}, {"method": "ia3"}]))
+    assert changing.trainables_change and not steady.trainables_change
+    assert [k.find_unused_parameters for k in _ddp_kwargs(changing)] == [True] and _ddp_kwargs(steady) == []

@@ -124,3 +124,31 @@ def test_resume_a_one_process_checkpoint_in_two_processes(runs):
     shutil.copytree(tmp / "one" / "checkpoints", resumed / "checkpoints")
     deltafit("train", runs["recipe"], "--output", resumed, "--resume", processes=2)
     assert max_diff(tensors(resumed / "final"), tensors(tmp / "one" / "final")) <= TOLERANCE
+
+
+@pytest.mark.parametrize("delta", [
+    {"method": "lisa", "interval": 1, "gamma": 1},  # a block opens and another closes at every step
+    {"method": "lamda", "r": 4, "freeze_b_by": 0.5},  # B's columns freeze one by one over steps 1-3
+    {"method": "aflora", "r": 4, "deltaT": 1, "freeze_start": 0.2, "freeze_end": 0.6},
+], ids=lambda d: d["method"])
+def test_methods_whose_trainables_change_train_alike_on_two_processes(tmp_path, tiny_llama, delta):
+    """DDP stops on a registered parameter that gets no gradient (the first step after a block closes
+    or a column freezes) unless it looks for them; and a tensor that stopped training must then stay
+    untouched there as on one process (no zero gradient for AdamW's momentum and decay to act on)."""
+    write_sums(tmp_path / "alpaca.json")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama,
+                          {"train": str(tmp_path / "alpaca.json"), "format": "alpaca", "max_length": 200},
+                          delta=delta, train={"max_steps": 6, "batch_size": 2, "grad_accum": 1, "lr": 5e-3,
+                                              "weight_decay": 0.01})
+    deltafit("train", recipe, "--output", tmp_path / "two", processes=2)
+    deltafit("train", recipe, "--output", tmp_path / "one", "--set", "train.grad_accum=2")
+    two, one = tensors(tmp_path / "two" / "final"), tensors(tmp_path / "one" / "final")
+    assert max_diff(two, one) <= TOLERANCE
+    base = tensors_before_training(tmp_path, recipe)
+    assert max_diff(one, base) > 1e-3  # it trained
+
+
+def tensors_before_training(tmp_path: Path, recipe: Path) -> dict[str, torch.Tensor]:
+    """The delta's tensors as attached, give or take 1e-12 (one step at that learning rate)."""
+    deltafit("train", recipe, "--output", tmp_path / "zero", "--set", "train.max_steps=1", "--set", "train.lr=1e-12")
+    return tensors(tmp_path / "zero" / "final")

@@ -87,6 +87,7 @@ class AFLoRA(Delta):
     name = "aflora"
     family = "reparameterization"
     description = "Low-rank path with trainable vectors whose projections freeze by gradient score; merges."
+    trainables_change = True
     Config = AFLoRAConfig
 
     def __init__(self, config: AFLoRAConfig):

@@ -84,6 +84,10 @@ class Delta:
     # Where the method puts virtual tokens in front of every sequence: "embeddings" (prompt tuning,
     # P-tuning) or "cache" (prefix tuning's past keys/values). Two deltas cannot share one slot.
     input_slot: ClassVar[Optional[str]] = None
+    # Parameters stop (or start) training during the run: blocks open and close (LISA), columns or
+    # projections freeze (LaMDA, LaMDA++, AFLoRA). Under DDP every step then looks for the parameters
+    # that got no gradient, which DDP otherwise takes for a bug and stops on.
+    trainables_change: ClassVar[bool] = False
     # The run's tokenizer, set by the trainer before attach, for methods that initialize from text.
     tokenizer: Any = None
     # Set by attach(restoring=True): a state is loaded right after (eval/merge/export reattaching a

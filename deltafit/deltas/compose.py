@@ -84,6 +84,7 @@ class Compose(Delta):
         self.zero_init_identity = all(p.zero_init_identity for p in parts)
         self.detach_restores_weights = all(p.detach_restores_weights for p in parts)
         self.lossy_base = any(p.lossy_base for p in parts)
+        self.trainables_change = any(p.trainables_change for p in parts)
         self._attached: list[Delta] = []
         self._trial = False  # this instance is check_fits' trial run on a weightless model
 

@@ -60,6 +60,7 @@ class LaMDA(Delta):
     name = "lamda"
     family = "reparameterization"
     description = "Trainable r x r core between frozen singular-vector projections of W0; B freezes early."
+    trainables_change = True
     Config = LaMDAConfig
 
     def check_fits(self, model: nn.Module) -> None:

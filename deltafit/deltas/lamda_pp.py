@@ -56,6 +56,7 @@ class LaMDAPlusPlus(Delta):
     name = "lamda-pp"
     family = "reparameterization"
     description = "LaMDA with per-layer ranks from each weight's spectral energy, same total rank budget."
+    trainables_change = True
     Config = LaMDAPPConfig
 
     def check_fits(self, model: nn.Module) -> None:

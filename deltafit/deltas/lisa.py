@@ -48,6 +48,7 @@ class LISA(BlockSchedule):
     description = "Every K steps gamma sampled blocks train (+ embeddings, head); checkpoint = whole model; merges."
     detach_restores_weights = False
     keep_originals = False
+    trainables_change = True
     Config = LISAConfig
 
     def __init__(self, config: LISAConfig):
