@@ -11,9 +11,9 @@ Here each frozen `nn.Linear` keeps its cast and reuses it while the weight is un
 made by the same `.to(dtype)` autocast would call, so every result is bit for bit what autocast gives;
 it is made again when the weight changes (its version counter moves, as any in-place write under
 torch does, or its storage is replaced, as a fold does), and is not used at all while the weight
-requires grad (a block LISA unfroze). The caller skips it where the copies would cost memory:
-without gradient checkpointing autocast's copies are saved for backward and alive at the step's
-peak anyway, with it they are not.
+requires grad (a block LISA unfroze). Without gradient checkpointing autocast's copies are saved
+for backward and alive at the step's peak anyway; with it they are not, so the caller then keeps
+only the input sharing below.
 
 The same goes for the activations: q, k and v (and a low-rank delta on each) all take the same
 normed hidden state, which autocast casts to bf16 once per consumer; gate and up likewise. While
@@ -36,11 +36,12 @@ _last_input: list = []  # [(input, its version, its cast)] while a cache is on: 
 _on: list[bool] = []  # one entry per model with the cache on
 
 
-def cache_frozen_casts(model: nn.Module) -> Callable[[], None]:
-    """Give every plain `nn.Linear` of `model` the caching forward; returns the undo."""
+def cache_frozen_casts(model: nn.Module, weights: bool = True) -> Callable[[], None]:
+    """Give every plain `nn.Linear` of `model` the caching forward; returns the undo. `weights=False`
+    shares input casts only (no weight copy outlives its call: for gradient checkpointing)."""
     linears = [m for m in model.modules() if type(m) is nn.Linear]  # subclasses (quantized bases) keep theirs
     for linear in linears:
-        linear.forward = types.MethodType(_forward, linear)
+        linear.forward = types.MethodType(_forward if weights else _forward_sharing_inputs, linear)
     _on.append(True)
 
     def undo() -> None:
@@ -62,6 +63,12 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.bias)
     # autocast finds x and the weight already cast, and casts only the bias
     return F.linear(shared_input(x), _cast(self, weight, dtype), self.bias)
+
+
+def _forward_sharing_inputs(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if self.weight.requires_grad:
+        return F.linear(x, self.weight, self.bias)
+    return F.linear(shared_input(x), self.weight, self.bias)  # shared_input: x itself outside autocast
 
 
 def _cast(linear: nn.Linear, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

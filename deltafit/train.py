@@ -310,14 +310,15 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
 
 
 def _cache_frozen_casts(model, mixed_precision: str, t, sharded: bool):
-    """Under autocast, cast frozen linear weights once, not at every call (frozen_casts.py). Not with
-    gradient checkpointing (the copies would then outlive the layer's recompute: memory it was asked to
-    save), train.compile (its graphs cast inside), or sharding (each process holds only a shard)."""
-    if mixed_precision == "no" or t.gradient_checkpointing or t.compile or sharded:
+    """Under autocast, cast frozen linear weights and shared inputs once, not at every call
+    (frozen_casts.py). With gradient checkpointing the inputs only (weight copies would outlive each
+    block's recompute: memory it was asked to save); nothing under train.compile (its graphs cast
+    inside) or sharding (each process holds only a shard)."""
+    if mixed_precision == "no" or t.compile or sharded:
         return lambda: None
     from deltafit.frozen_casts import cache_frozen_casts
 
-    return cache_frozen_casts(model)
+    return cache_frozen_casts(model, weights=not t.gradient_checkpointing)
 
 
 def _ddp_kwargs(delta) -> list:

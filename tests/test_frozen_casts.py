@@ -129,11 +129,15 @@ def test_outside_autocast_and_for_trainable_weights_nothing_is_cached():
     {"method": "vera", "r": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]},
     # LISA opens one block every 2 steps: its weights train, then freeze again changed (cast anew).
     {"method": "lisa", "gamma": 1, "interval": 2},
-], ids=["lora-dropout", "lora-all-linear", "vera", "lisa"])
+    # Gradient checkpointing: the inputs are shared, the weights cast at each call as autocast does.
+    {"method": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear", "checkpointing": True},
+], ids=["lora-dropout", "lora-all-linear", "vera", "lisa", "lora-checkpointing"])
 def test_bf16_training_is_bit_identical_with_and_without_the_cache(tmp_path, capsys, tiny_llama, alpaca_file,
                                                                    monkeypatch, delta):
     """Six bf16 steps with periodic eval: the same losses and the same delta, and the cache was in
     use (casts reused) during the run."""
+    delta = dict(delta)
+    checkpointing = delta.pop("checkpointing", False)
     calls, made = [], set()
     real_cast = frozen_casts._cast
 
@@ -144,6 +148,14 @@ def test_bf16_training_is_bit_identical_with_and_without_the_cache(tmp_path, cap
         return out
 
     monkeypatch.setattr(frozen_casts, "_cast", counting_cast)
+    shared, real_shared_input = [], frozen_casts.shared_input
+
+    def counting_shared_input(x):
+        out = real_shared_input(x)
+        shared.append(out.dtype != x.dtype)
+        return out
+
+    monkeypatch.setattr(frozen_casts, "shared_input", counting_shared_input)  # the base layers' lookups
     runs = {}
     for name in ("cached", "plain"):
         if name == "plain":
@@ -151,12 +163,15 @@ def test_bf16_training_is_bit_identical_with_and_without_the_cache(tmp_path, cap
         recipe = write_recipe(tmp_path / f"{name}.yaml", tiny_llama,
                               {"train": str(alpaca_file), "format": "alpaca", "eval_fraction": 0.2},
                               delta=delta,
-                              train={"max_steps": 6, "mixed_precision": "bf16", "eval_every": 3})
+                              train={"max_steps": 6, "mixed_precision": "bf16", "eval_every": 3,
+                                     "gradient_checkpointing": checkpointing})
         code, _, err = run_cli(capsys, "train", recipe, "--output", tmp_path / name)
         assert code == 0, err
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         runs[name] = ([json.loads(line).get("loss") for line in lines],
                       (tmp_path / name / "final" / "delta.safetensors").read_bytes())
-        if name == "cached":
+        if name == "cached" and not checkpointing:
             assert len(calls) > 2 * len(made) > 0  # each cast reused: forward after forward, step after step
+        if name == "cached" and checkpointing:
+            assert not calls and any(shared)  # no weight copy kept; inputs shared
     assert runs["cached"] == runs["plain"]
