@@ -249,7 +249,7 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
     # 3. Base model + delta; everything but the delta (and a fresh task head) is frozen.
     model, tokenizer, head = build_model(recipe.model, label_names=data.label_names, tokenizer=tokenizer)
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model)
         model.enable_input_require_grads()
     delta = deltas.build(recipe.delta)
     delta.tokenizer = tokenizer
@@ -319,6 +319,16 @@ def _cache_frozen_casts(model, mixed_precision: str, t, sharded: bool):
     from deltafit.frozen_casts import cache_frozen_casts
 
     return cache_frozen_casts(model, weights=not t.gradient_checkpointing)
+
+
+def _enable_checkpointing(model) -> None:
+    """Gradient checkpointing, non-reentrant. transformers 5.x renamed the switch
+    (`activation_checkpointing_enable`; the old name warns and goes in v6): the new one where it exists."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _ddp_kwargs(delta) -> list:
