@@ -72,16 +72,18 @@ def matmul_input(x: torch.Tensor, dtype: torch.dtype, dropout: Optional[nn.Modul
     with frozen casts cached, that is the bf16 cast of x which the base layer (and any other delta on
     x) already made (frozen_casts.shared_input): the values the matmul's own cast would give."""
     x = delta_input(x, dtype)
-    if dropout is None or isinstance(dropout, nn.Identity) or not dropout.training or dropout.p == 0:
-        return shared_input(x)
-    return dropout(x)
+    return dropout(x) if dropout is not None and _dropout_acts(dropout) else shared_input(x)
+
+
+def _dropout_acts(dropout: nn.Module) -> bool:
+    """A dropout that changes its input now (nn.Identity and p = 0 never do; none does in eval)."""
+    return dropout.training and getattr(dropout, "p", 0.0) > 0
 
 
 def _lean_dropout_applies(dropout: nn.Module, x: torch.Tensor) -> bool:
-    p = getattr(dropout, "p", 0.0)
     # On CUDA (and other accelerators) torch's fused dropout already keeps a bool mask, and draws its
     # noise differently: left to torch, so results there stay exactly what they were.
-    return x.device.type == "cpu" and dropout.training and 0 < p < 1 and torch.is_grad_enabled()
+    return x.device.type == "cpu" and _dropout_acts(dropout) and dropout.p < 1 and torch.is_grad_enabled()
 
 
 def _draw_noise(p: float, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
