@@ -311,9 +311,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         _method_lists_in_help(argv)
         if own_command_line and argv[:1] == ["train"] and not {"--help", "-h"} & set(argv):
-            from deltafit.allocator import reexec_with_allocator
+            from deltafit.allocator import reexec_with_allocator, use_huge_pages
 
             reexec_with_allocator(argv)  # returns only when there is no faster malloc to start with
+            use_huge_pages()  # the C library's malloc it is: large tensors on huge pages (allocator.py)
         app(args=argv, prog_name="deltafit", standalone_mode=False)
     except UserError as e:
         typer.secho(f"error: {e}", fg="red", err=True)

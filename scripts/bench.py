@@ -31,7 +31,8 @@ The reference starts with the C library's malloc, as its users run it;
 `--reference-malloc deltafit` gives it tcmalloc too, to show how much of a difference is the
 allocator. When tcmalloc is there, a `deltafit-system-malloc` run per pair shows a user without it
 (`pip install` on a machine without apt, macOS): the same run on the C library's malloc, as the
-reference has (`--no-fallback` skips it). The `malloc` column says what each run had.
+reference has, with the huge pages `deltafit train` then switches on where Linux offers them
+(`--no-fallback` skips it). The `malloc` column says what each run had.
 
 Distance to the limit: at start the parent measures this machine's matmul peak (GFLOP/s of a large
 matmul, best of several, fp32 and bf16; on a GPU a larger one), and every run reports the GFLOP/s its
@@ -194,15 +195,21 @@ def run_job(job: Job, timeout: int) -> dict:
 
 
 def _environment(job: Job) -> dict:
-    """deltafit's runs start as `deltafit train` starts (with its preferred malloc, when the machine has
-    it); the reference starts with the C library's malloc unless --reference-malloc deltafit."""
-    from deltafit.allocator import PRELOADED_NAMES, launch_env
+    """deltafit's runs start as `deltafit train` starts (with its preferred malloc when the machine has
+    it, else the C library's with large tensors on huge pages); the reference starts with the C
+    library's malloc as it comes unless --reference-malloc deltafit."""
+    from deltafit.allocator import HUGE_PAGES, PRELOADED_NAMES, huge_pages_env, launch_env
 
     env = dict(os.environ)
+    env.pop(HUGE_PAGES, None)
     preloads = [p for p in env.pop("LD_PRELOAD", "").split(":") if p and not any(n in p for n in PRELOADED_NAMES)]
     if preloads:
         env["LD_PRELOAD"] = ":".join(preloads)
-    return (launch_env(env) or env) if job.preload else env
+    if job.preload:
+        env = launch_env(env) or env
+    if job.system.startswith("deltafit"):
+        env = huge_pages_env(env) or env
+    return env
 
 
 def _one_line(r: dict) -> str:

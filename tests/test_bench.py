@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import deltafit.loss as loss_module
-from deltafit.allocator import find_library
+from deltafit.allocator import find_library, huge_pages_env
 from deltafit.loss import causal_lm_loss, chunked_cross_entropy, supports_chunked_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,9 +43,14 @@ def test_quick_bench_runs_both_systems_and_writes_tables(tmp_path, tiny_llama, a
     runs = {r["system"]: r for r in results["runs"]}
     fallback = runs.pop("deltafit-system-malloc", None)  # run when tcmalloc is there, to show a user without it
     assert set(runs) == {"deltafit", "reference"}
+    assert runs["reference"]["malloc"] == "system malloc"  # as its users run it: nothing of deltafit's
     assert (fallback is not None) == (find_library() is not None)
-    if fallback is not None:  # the allocator decides where memory comes from, never a computed value
-        assert fallback["malloc"] == "system malloc" and runs["deltafit"]["malloc"].startswith("tcmalloc")
+    # without tcmalloc: the C library's malloc, with deltafit's huge pages where Linux offers them
+    plain = "system malloc" if huge_pages_env({}) is None else "system malloc + huge pages"
+    if fallback is None:
+        assert runs["deltafit"]["malloc"] == plain
+    else:  # the allocator decides where memory comes from, never a computed value
+        assert fallback["malloc"] == plain and runs["deltafit"]["malloc"].startswith("tcmalloc")
         assert fallback["final_loss"] == runs["deltafit"]["final_loss"]
     for run in runs.values():
         assert run["steps"] == 2 and run["real_tokens_per_s"] > 0 and run["peak_rss_gb"] > 0

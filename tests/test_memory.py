@@ -230,7 +230,51 @@ def test_a_missing_allocator_library_is_a_clear_user_error(monkeypatch, capsys):
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("choice", ["auto", "system"])
+def test_huge_pages_are_for_the_c_librarys_malloc_where_linux_offers_them(monkeypatch, tmp_path):
+    setting = tmp_path / "enabled"
+    monkeypatch.setattr(allocator, "THP_SETTING", setting)
+    for offered in ("always [madvise] never", "[always] madvise never"):
+        setting.write_text(offered)
+        assert allocator.huge_pages_env({})[allocator.HUGE_PAGES] == "1"
+        assert allocator.huge_pages_env({"DELTAFIT_ALLOCATOR": "system", "PATH": "/bin"}) == \
+            {"DELTAFIT_ALLOCATOR": "system", "PATH": "/bin", allocator.HUGE_PAGES: "1"}
+    assert allocator.huge_pages_env({"DELTAFIT_ALLOCATOR": "plain"}) is None  # as it comes
+    assert allocator.huge_pages_env({allocator.HUGE_PAGES: "0"}) is None  # the user's own choice
+    assert allocator.huge_pages_env({"LD_PRELOAD": "/x/libtcmalloc_minimal.so.4"}) is None  # its own pages
+    assert allocator.huge_pages_env({allocator.TRIED: "1"}) is None  # re-executed with a preloaded malloc
+    setting.write_text("always madvise [never]")
+    assert allocator.huge_pages_env({}) is None
+    monkeypatch.setattr(allocator, "THP_SETTING", tmp_path / "missing")  # not Linux, or no THP in the kernel
+    assert allocator.huge_pages_env({}) is None
+
+
+def test_huge_pages_switched_on_put_large_tensors_on_huge_pages():
+    """In fresh processes: `use_huge_pages` before torch is imported, then a 16 MiB tensor lands in huge
+    pages when this machine offers them; with `plain`, or when torch came first, nothing is switched."""
+    probe = ("import os, sys; from deltafit import allocator; late = sys.argv[1] == 'late'; "
+             "late and __import__('torch'); on = allocator.use_huge_pages(); import torch; "
+             "x = torch.ones(4 << 20); "
+             "huge = [int(l.split()[1]) for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')]; "
+             "print(on, huge[0] if huge else 0, os.environ.get(allocator.HUGE_PAGES), allocator.describe())")
+    results = {}
+    for choice, order in (("system", "early"), ("plain", "early"), ("system", "late")):
+        env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.HUGE_PAGES, allocator.TRIED)}
+        env.update(DELTAFIT_ALLOCATOR=choice, PYTHONPATH=str(ROOT))
+        out = subprocess.run([sys.executable, "-c", probe, order], env=env, capture_output=True, text=True, check=True)
+        on, huge_kb, variable, *described = out.stdout.split()
+        results[choice, order] = (on == "True", int(huge_kb), variable, " ".join(described))
+    nothing = (False, 0, "None", "system malloc")
+    assert results["plain", "early"] == nothing
+    assert results["system", "late"] == nothing  # PyTorch reads the variable once: too late to switch
+    if allocator.huge_pages_env({}) is not None:
+        on, huge_kb, variable, described = results["system", "early"]
+        assert (on, variable, described) == (True, "1", "system malloc + huge pages")
+        assert huge_kb >= 4096  # at least two whole 2 MiB pages of the 16 MiB tensor
+    else:  # this kernel offers none: nothing is switched on and the log says the plain malloc
+        assert results["system", "early"] == nothing
+
+
+@pytest.mark.parametrize("choice", ["auto", "system", "plain"])
 def test_deltafit_train_reports_the_malloc_it_runs_on(choice, tmp_path, tiny_llama, alpaca_file):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_llama, {"train": str(alpaca_file), "format": "alpaca"},
                           train={"max_steps": 1, "batch_size": 2})
@@ -242,5 +286,7 @@ def test_deltafit_train_reports_the_malloc_it_runs_on(choice, tmp_path, tiny_lla
     library = allocator.find_library() if choice == "auto" else None
     if library:  # `make install` fetched it (or the system has it): training runs on it
         assert "; malloc: tcmalloc" in proc.stderr
-    else:
-        assert "; malloc: system malloc" in proc.stderr  # as it comes: no mallopt (allocator.py)
+    elif choice != "plain" and allocator.huge_pages_env({}) is not None:
+        assert "; malloc: system malloc + huge pages data:" in " ".join(proc.stderr.split())  # the next line
+    else:  # plain, or a kernel without transparent huge pages: the C library's malloc as it comes
+        assert "; malloc: system malloc data:" in " ".join(proc.stderr.split())
