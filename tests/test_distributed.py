@@ -50,6 +50,22 @@ def deltafit(*argv, processes: int = 1) -> str:
     return proc.stdout + proc.stderr
 
 
+def test_pytest_runs_one_group_on_one_worker(tmp_path):
+    """What MULTI_PROCESS relies on: under `--dist loadgroup` a group's tests share one worker, so its
+    module fixtures run once. (With pytest 9.2 and pytest-xdist 3.8 the group was silently ignored:
+    both workers ran these tests side by side, each training the module fixtures again.)"""
+    (tmp_path / "test_group.py").write_text(
+        "import os, pytest\npytestmark = pytest.mark.xdist_group('g')\n"
+        + "".join(f"def test_{i}(): print('worker', os.getpid())\n" for i in range(6)))
+    (tmp_path / "test_other.py").write_text("".join(f"def test_{i}(): pass\n" for i in range(6)))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-rP", "-p",
+                           "no:cacheprovider", "-c", os.devnull, "--rootdir", str(tmp_path), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    workers = {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("worker ")}
+    assert proc.stdout.count("worker ") == 6 and len(workers) == 1, proc.stdout[-2000:]
+
+
 def tensors(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "delta.safetensors"))
 
