@@ -90,7 +90,7 @@ def launch_env(environ: Optional[dict] = None) -> Optional[dict]:
     environ = dict(os.environ if environ is None else environ)
     if not sys.platform.startswith("linux") or environ.get(TRIED) or loaded():
         return None
-    if any(name in environ.get("LD_PRELOAD", "") for name in PRELOADED_NAMES):
+    if _malloc_preloaded(environ):
         return None
     library = find_library(environ)
     if library is None:
@@ -100,6 +100,11 @@ def launch_env(environ: Optional[dict] = None) -> Optional[dict]:
     # gperftools prints a line for every allocation over 1 GB (a large model's embedding can be one).
     environ.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(2**50))
     return environ
+
+
+def _malloc_preloaded(environ: dict) -> bool:
+    """The environment's LD_PRELOAD already names a replacement malloc (ours, or the user's own)."""
+    return any(name in environ.get("LD_PRELOAD", "") for name in PRELOADED_NAMES)
 
 
 def reexec_with_allocator(argv: list[str]) -> None:
@@ -120,7 +125,7 @@ def huge_pages_env(environ: Optional[dict] = None) -> Optional[dict]:
     environ = dict(os.environ if environ is None else environ)
     if environ.get(ENV, "auto") == "plain" or HUGE_PAGES in environ or not _transparent_huge_pages():
         return None
-    if environ.get(TRIED) or any(name in environ.get("LD_PRELOAD", "") for name in PRELOADED_NAMES):
+    if environ.get(TRIED) or _malloc_preloaded(environ):
         return None  # tcmalloc (or the user's malloc) keeps its own pages
     environ[HUGE_PAGES] = "1"
     return environ
