@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from deltafit import checkpoint, deltas, precision, sharding
+from deltafit.bernoulli import faster_bernoulli
 from deltafit.data import batch_tokens, make_collator, prepare_data, resolve_packing, use_packed_attention
 from deltafit.errors import Interrupted, UserError
 from deltafit.evaluate import evaluate_loop
@@ -296,7 +297,8 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
     # the final evaluation: whatever that evaluation meets (an unwritable cache...), the delta is saved.
     # A run stopped early evaluated its last step already. With keep_best, final/ then becomes the best.
     try:
-        _loop(run)
+        with faster_bernoulli():  # dropout's draws at the generator's bulk rate (bernoulli.py)
+            _loop(run)
         final = _save(run, output_dir / "final", with_state=False)
         if not selection.exhausted:
             _maybe_eval(run)
