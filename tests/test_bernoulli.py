@@ -119,8 +119,8 @@ def test_dropout_and_sdpas_attention_dropout_draw_in_bulk(bulk):
 def test_pytorch_draws_serially_unless_built_with_mkl_on_intel(monkeypatch):
     for vendor, mkl, serial in [("GenuineIntel", True, False), ("AuthenticAMD", True, True), ("", True, True),
                                 ("GenuineIntel", False, True)]:
-        monkeypatch.setattr(bernoulli, "cpu_vendor", lambda: vendor)
-        monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: mkl)
+        monkeypatch.setattr(bernoulli, "cpu_vendor", lambda vendor=vendor: vendor)
+        monkeypatch.setattr(torch.backends.mkl, "is_available", lambda mkl=mkl: mkl)
         assert bernoulli.pytorch_draws_serially() is serial
     monkeypatch.setattr(bernoulli, "cpu_vendor", lambda: "GenuineIntel")
     monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
