@@ -4,7 +4,8 @@
 
 Runs `deltafit train` in-process with hooks that step a `torch.profiler` schedule (2 warm-up steps,
 then `--steps` recorded), then prints the top operators by self CPU time and a summary by kind:
-matmuls, attention, elementwise/casts, the loss, the optimizer, everything else.
+matmuls, attention, elementwise/casts, random draws (dropout's masks), the loss, the optimizer,
+everything else.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ KINDS = [  # first match wins; op names as the profiler reports them (aten::...)
                    "aten::_softmax")),
     ("loss", ("cross_entropy", "log_softmax", "nll_loss")),
     ("optimizer", ("_fused_adamw", "_foreach_", "Optimizer.step", "adamw")),
+    ("random draws", ("aten::bernoulli", "aten::random_", "aten::uniform_", "aten::normal_")),  # dropout's masks
     ("casts/copies", ("aten::to", "aten::_to_copy", "aten::copy_", "aten::contiguous", "aten::clone")),
     ("elementwise", ("aten::mul", "aten::add", "aten::silu", "aten::rsqrt", "aten::pow", "aten::mean", "aten::neg",
                      "aten::cat", "aten::div", "aten::sub", "aten::where", "aten::fill_", "aten::zero_", "aten::sum",

@@ -69,6 +69,8 @@ def test_quick_bench_runs_both_systems_and_writes_tables(tmp_path, tiny_llama, a
     # and tokens/s move together.
     peaks = results["meta"]["peak_gflops"]
     assert set(peaks) == {"float32", "bfloat16"} and all(v > 0 for v in peaks.values())
+    start, end = results["meta"]["peak_gflops_at_start"], results["meta"]["peak_gflops_at_end"]
+    assert all(peaks[k] == max(start[k], end[k]) for k in peaks)  # the better of two measurements
     for run in runs.values():
         assert run["gflops"] > 0 and run["peak_share"] == pytest.approx(run["gflops"] / peaks["float32"])
     flops_per_token = [run["gflops"] / run["padded_tokens_per_s"] for run in runs.values()]
