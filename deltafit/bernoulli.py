@@ -10,11 +10,11 @@ and the reference alike (torch.profiler, `bernoulli_` 1.85 s of 10.1 s).
 
 `faster_bernoulli()` swaps that kernel, for as long as a run trains, for one that fills a tensor
 with 64-bit words from the same generator (one call, at the Mersenne Twister's bulk rate) and
-compares each 32-bit half with p's threshold: one word per element, vectorized, 3.2 ms instead of
-11-18 for that mask. The distribution is the same, Bernoulli(p) per element, with p resolved to
-1/2^32 (float32 dropout probabilities are coarser than that); `torch.manual_seed` and an explicit
-generator keep their meaning, so a seeded run repeats. Only the draws differ from PyTorch's, as
-they already differ between Intel and AMD machines. Where PyTorch uses MKL the kernel stays as is.
+compares each 32-bit half with p's threshold: one word per element, 3.2 ms for that mask's words
+instead of 11-18 ms, then a vectorized comparison. The distribution is the same, Bernoulli(p) per
+element, with p resolved to 1/2^32; `torch.manual_seed` and an explicit generator keep their
+meaning, so a seeded run repeats and a resumed one continues. Only the draws differ from PyTorch's,
+as they already differ between Intel and AMD machines. Where PyTorch uses MKL the kernel stays.
 """
 
 from __future__ import annotations
