@@ -60,7 +60,7 @@ def cpu_vendor() -> str:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("vendor_id"):
                 return line.split(":", 1)[1].strip()
-    except OSError:  # not Linux: Windows names the vendor in platform.processor(), macOS has no x86 Intel MKL build
+    except OSError:  # not Linux: on Windows platform.processor() names the vendor
         pass
     return "GenuineIntel" if "GenuineIntel" in platform.processor() else ""
 
@@ -70,7 +70,7 @@ def bernoulli_(self: torch.Tensor, p: float = 0.5, *, generator=None) -> torch.T
     if not 0 <= p <= 1:
         raise RuntimeError(f"bernoulli_ expects p to be in [0, 1], but got p={p}")
     threshold = round(p * SPAN)
-    if threshold in (0, SPAN):  # certain: no draw (PyTorch draws and discards; nothing depends on it)
+    if threshold in (0, SPAN):  # certain (or closer to it than 2^-32): nothing to draw
         return self.fill_(threshold // SPAN)
     n = self.numel()
     # Full-range 64-bit words are two uniform 32-bit words each; as int32, P(word < t - 2^31) = t / 2^32.
