@@ -22,10 +22,11 @@ from __future__ import annotations
 import platform
 import warnings
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 import torch
+
+from deltafit.precision import cpuinfo_field
 
 OP = "bernoulli_.float"  # Tensor.bernoulli_(float p): what dropout calls; a tensor of p's is another op
 SPAN = 2**32  # one 32-bit word per element
@@ -56,13 +57,10 @@ def pytorch_draws_serially() -> bool:
 
 def cpu_vendor() -> str:
     """The CPU's vendor id (GenuineIntel, AuthenticAMD...), or "" where it cannot be read."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:  # not Linux: on Windows platform.processor() names the vendor
-        pass
-    return "GenuineIntel" if "GenuineIntel" in platform.processor() else ""
+    vendor = cpuinfo_field("vendor_id")
+    if vendor is not None:
+        return vendor
+    return "GenuineIntel" if "GenuineIntel" in platform.processor() else ""  # Windows names it there
 
 
 def bernoulli_(self: torch.Tensor, p: float = 0.5, *, generator=None) -> torch.Tensor:

@@ -10,6 +10,7 @@ than fp32, so auto keeps fp32 there. The master weights and the optimizer stay f
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 CPU_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX-512 BF16"}  # /proc/cpuinfo name -> what we print
 
@@ -65,15 +66,20 @@ def cpu_bf16_units() -> list[str]:
 
 def _linux_flags() -> set[str]:
     """CPU_FLAGS found in /proc/cpuinfo (Linux), printed names; empty elsewhere."""
+    flags = set((cpuinfo_field("flags") or "").split())
+    return {shown for flag, shown in CPU_FLAGS.items() if flag in flags}
+
+
+def cpuinfo_field(key: str) -> Optional[str]:
+    """The value of the first `key` line of /proc/cpuinfo (Linux), or None where there is none."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return set()
+        return None
     for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return {shown for flag, shown in CPU_FLAGS.items() if flag in flags}
-    return set()
+        if line.startswith(key):
+            return line.split(":", 1)[1].strip()
+    return None
 
 
 def line(precision: str, why: str) -> str:
