@@ -315,7 +315,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
             reexec_with_allocator(argv)  # returns only when there is no faster malloc to start with
             use_huge_pages()  # the C library's malloc it is: large tensors on huge pages (allocator.py)
-        app(args=argv, prog_name="deltafit", standalone_mode=False)
+        status = app(args=argv, prog_name="deltafit", standalone_mode=False)
     except UserError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         sys.exit(2)
@@ -328,8 +328,18 @@ def main(argv: Optional[list[str]] = None) -> None:
         e.show()
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, *_click_abort()):
-        typer.secho("interrupted", fg="yellow", err=True)
-        sys.exit(130)
+        _interrupted()
+    # Outside standalone mode typer returns, rather than raises, an Exit's code: Ctrl-C outside the
+    # training loop (loading, eval, merge) arrives here as 130, which must not read as success.
+    if status == 130:
+        _interrupted()
+    if isinstance(status, int) and not isinstance(status, bool) and status:
+        sys.exit(status)
+
+
+def _interrupted() -> None:
+    typer.secho("interrupted", fg="yellow", err=True)
+    sys.exit(130)
 
 
 # Help pages that list the methods a command accepts, from the registry's lines (cheap: no method

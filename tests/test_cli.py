@@ -123,6 +123,19 @@ def test_methods_lists_the_registry(capsys):
         assert name in out
 
 
+def test_ctrl_c_outside_the_training_loop_exits_130_not_0(monkeypatch, capsys):
+    """typer hands back a KeyboardInterrupt as a returned 130 outside standalone mode: a shell's
+    `deltafit eval ... && next` must not go on as if the interrupted command had succeeded."""
+    import deltafit.report
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(deltafit.report, "print_methods", interrupted)
+    code, out, err = run_cli(capsys, "methods")
+    assert code == 130 and err.strip() == "interrupted", (code, err)
+
+
 def test_help_does_not_import_torch():
     probe = ("import sys; from deltafit.cli import app; "
              "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
