@@ -467,3 +467,45 @@ def test_a_null_rank_is_refused_real_process(adapters, tmp_path):
     result = run_process(tmp_path, "merge", adapter, "--output", tmp_path / "merged")
     process_error(result, f"PEFT adapter '{adapter}'", "adapter_config.json key 'r' must be a whole number >= 1",
                   "got null")
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. JSON that is valid but used to break the reader
+
+
+def alpaca_recipe(tmp_path: Path, model: Path, data: Path) -> Path:
+    return write_recipe(tmp_path / "r.yaml", model, {"train": str(data), "format": "alpaca"})
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\x85", "\x0b", "\x0c"])
+def test_line_separators_inside_json_lines_strings_are_text(tmp_path, tiny_llama, capsys, char):
+    """json.dumps(ensure_ascii=False) leaves U+2028, U+0085 and the like raw inside a string; a JSON
+    lines file ends its lines at \\n only, so each row stays one record with the character in it."""
+    from deltafit.data.sources import _read_json
+
+    rows = [{"instruction": f"Say{char}{i}.", "input": "", "output": f"{i}{char}done"} for i in range(8)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    assert _read_json(data)["instruction"] == [r["instruction"] for r in rows]
+    code, out, err = run_cli(capsys, "validate", alpaca_recipe(tmp_path, tiny_llama, data))
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("value", [2**64 - 1, 2**70, -(2**63) - 1])
+def test_a_whole_number_beyond_64_bits_is_refused_naming_its_column(tmp_path, tiny_llama, capsys, value):
+    """Arrow's integers are 64-bit; an id column of uint64 hashes used to end in an OverflowError."""
+    rows = [{"id": value if i == 3 else i, "instruction": f"Say {i}.", "output": str(i)} for i in range(6)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    one_error_line(*run_cli(capsys, "validate", alpaca_recipe(tmp_path, tiny_llama, data)),
+                   str(data), "64-bit", "column 'id' (row 4)", "as strings")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_json_nested_past_the_recursion_limit_is_refused(tmp_path, tiny_llama, capsys, suffix):
+    deep = "[" * 5000 + "]" * 5000
+    row = f'{{"instruction": {deep}, "output": "b"}}'
+    data = tmp_path / f"train{suffix}"
+    data.write_text(f"[{row}]" if suffix == ".json" else row + '\n{"instruction": "a", "output": "b"}\n')
+    one_error_line(*run_cli(capsys, "validate", alpaca_recipe(tmp_path, tiny_llama, data)),
+                   str(data), "too deeply")

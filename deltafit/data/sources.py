@@ -119,6 +119,8 @@ def _read_json(path: Path):
         raise _BadFile("is empty (expected [{...}, ...] or one {...} per line)")
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise _BadFile(TOO_DEEP) from None
     except json.JSONDecodeError as e:
         if e.msg != "Extra data":
             raise _BadFile(f"is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
@@ -132,14 +134,21 @@ def _read_json(path: Path):
     return _from_records(data, unit="record")
 
 
+TOO_DEEP = "nests arrays or objects too deeply to read (over Python's recursion limit)"
+
+
 def _json_lines(text: str) -> tuple[list, list[int]]:
     """(records, the line number of each)."""
     records, lines = [], []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # Lines end at "\n" only: str.splitlines() also breaks at U+2028, U+0085 and the like, which
+    # json.dumps(ensure_ascii=False) leaves raw inside strings.
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
+        except RecursionError:
+            raise _BadFile(f"line {lineno} {TOO_DEEP}") from None
         except json.JSONDecodeError as e:
             raise _BadFile(f"line {lineno} is not valid JSON ({e.msg})") from None
         if not isinstance(record, dict):
@@ -198,9 +207,20 @@ def _from_records(records: list[dict], numbers: Optional[list[int]] = None, unit
     columns = dict.fromkeys(k for r in records for k in r)
     try:
         return ArrowRows(pyarrow.Table.from_pydict({c: [r.get(c) for r in records] for c in columns}), numbers, unit)
+    except OverflowError:  # Arrow's integers are 64-bit
+        raise _BadFile(f"has a whole number outside the 64-bit range in {_huge_number_column(records, columns)} "
+                       f"(write such ids as strings)") from None
     except pyarrow.lib.ArrowException as e:
         raise _BadFile(f"has a column whose values mix types: {_mixed_column(records, columns) or e} "
                        f"(every row must give a column the same kind of value)") from None
+
+
+def _huge_number_column(records: list[dict], columns) -> str:
+    for c in columns:
+        for i, r in enumerate(records):
+            if type(r.get(c)) is int and not -(2**63) <= r[c] < 2**63:
+                return f"column '{c}' (row {i + 1})"
+    return "a nested value"
 
 
 def _mixed_column(records: list[dict], columns) -> str:
