@@ -178,6 +178,7 @@ class Run:
     label_names: Optional[list[str]]
     hooks: TrainHooks = field(default_factory=TrainHooks)
     selection: Selection = field(default_factory=Selection)
+    train_digest: str = ""  # Prepared.train_digest: step checkpoints record it for --resume's check
 
 
 def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
@@ -244,6 +245,8 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
         raise UserError(f"data.train: '{recipe.data.train}' gave no training examples{why}")
     if (t.early_stopping or t.keep_best) and not data.eval:
         raise UserError(f"recipe key '{_selection_key(t)}': the evaluation data gave no examples to evaluate on")
+    if resume_from is not None and not allow_changes:
+        _check_same_rows(resume_from, data.train_digest())
     check_recipe_fits(recipe, load_config(recipe.model), data.label_names)  # before any weights load
     # The delta's sizes, and the conflicts between the deltas of a composition, on a weightless model.
     probe.check_fits(meta_model(recipe.model, num_labels=len(data.label_names or []) or None))
@@ -291,7 +294,7 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
     log.announce(delta, data.stats, total_steps, resume_from, precision.line(mixed_precision, precision_why))
     hooks = hooks or (_installed_hooks[-1] if _installed_hooks else TrainHooks())
     run = Run(recipe, accelerator, model, delta, optimizer, scheduler, data.train, collate, eval_loader, progress,
-              total_steps, log, output_dir, data.label_names, hooks, selection)
+              total_steps, log, output_dir, data.label_names, hooks, selection, data.train_digest())
     undo_casts = _cache_frozen_casts(model, mixed_precision, t, sharded=own_fsdp or _sharded(accelerator))
     # 5. The loop, then the final delta-only checkpoint (written once, by the main process) before
     # the final evaluation: whatever that evaluation meets (an unwritable cache...), the delta is saved.
@@ -669,6 +672,8 @@ def _save(run: Run, directory: Path, with_state: bool) -> Path:
     accelerator, delta, progress = run.accelerator, run.delta, run.progress
     tensors = _delta_tensors(accelerator, run.model, delta, final=not with_state)  # every process takes part
     meta = checkpoint.metadata(run.recipe, delta, run.label_names, progress.step, progress.epoch)
+    if with_state:
+        meta[TRAIN_DIGEST] = run.train_digest
     state, shards = None, ()
     if with_state and not _sharded(accelerator):
         optimizer, slices, layout = sharding.split_shards(run.optimizer.state_dict(), accelerator.process_index)
@@ -816,8 +821,24 @@ def _check_output_dir(output_dir: Path, resume_from: Optional[Path], overwrite: 
 # math or the data order (the saved position counts micro-batches of batch_size). lr, max_steps,
 # epochs, eval and logging may change (e.g. training longer), and so may grad_accum: resuming on
 # another number of processes changes it to keep the examples per optimizer step.
-RESUME_KEYS = ("delta", "model", "data.train", "data.columns", "data.delimiter", "data.prompt_template", "data.format",
-               "data.max_length", "data.packing", "train.seed", "train.batch_size", "train.mixed_precision")
+RESUME_KEYS = ("delta", "model", "data.train", "data.config", "data.split", "data.eval_fraction",
+               "data.max_train_examples", "data.train_on_inputs", "data.columns", "data.delimiter",
+               "data.prompt_template", "data.format", "data.text_column", "data.text_pair_column",
+               "data.label_column", "data.prompt_column", "data.messages_column", "data.instruction_column",
+               "data.input_column", "data.output_column", "data.max_length", "data.packing",
+               "train.seed", "train.batch_size", "train.mixed_precision")
+# Beyond the keys, a step checkpoint records a hash of the training rows (Prepared.train_digest):
+# the same recipe over a data file rewritten in place is no longer the run being resumed.
+TRAIN_DIGEST = "train_rows_sha256"
+
+
+def _check_same_rows(resume_from: Path, digest: str) -> None:
+    saved = checkpoint.read_meta(resume_from).get(TRAIN_DIGEST)
+    if saved is not None and saved != digest:  # None: a checkpoint from before the hash was recorded
+        raise UserError(f"--resume: the training rows differ from those the checkpoint {resume_from} was trained "
+                        f"on (data.train's file changed, or a key that shapes the rows); resuming would not continue "
+                        f"that run. Restore the data, start a new run with another --output, or pass --allow-changes "
+                        f"to resume anyway")
 
 
 def _check_unchanged(resume_from: Path, recipe) -> None:

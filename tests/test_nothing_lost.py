@@ -128,7 +128,11 @@ def stepped(tmp_path_factory, run):
 
 
 @pytest.mark.parametrize("change, key", [("delta.alpha=64", "delta.alpha"), ("delta.r=2", "delta.r"),
-                                         ("train.batch_size=2", "train.batch_size"), ("train.seed=5", "train.seed")])
+                                         ("train.batch_size=2", "train.batch_size"), ("train.seed=5", "train.seed"),
+                                         # data keys that change which rows train (held out, capped, masked)
+                                         ("data.eval_fraction=0.5", "data.eval_fraction"),
+                                         ("data.max_train_examples=4", "data.max_train_examples"),
+                                         ("data.train_on_inputs=true", "data.train_on_inputs")])
 def test_resume_with_a_changed_delta_or_data_order_is_refused(run, stepped, capsys, change, key):
     step = stepped / "checkpoints" / "step-00000001"
     recipe = run.parent / "r.yaml"
@@ -138,6 +142,27 @@ def test_resume_with_a_changed_delta_or_data_order_is_refused(run, stepped, caps
     code, _, err = run_cli(capsys, *base, "--set", change)
     assert_one_clean_line(code, err, f"'{key}'", "--allow-changes", str(step))
     assert tree_digest(stepped) == before
+
+
+def test_resume_over_a_data_file_rewritten_in_place_is_refused(run, stepped, capsys, tmp_path):
+    """Same recipe, same path, other rows: the step checkpoint's hash of its training rows tells."""
+    data = run.parent / "alpaca.json"  # the file the recipe (and so the checkpoint) names
+    original = data.read_bytes()
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(stepped), str(copy)], check=True)
+    step = copy / "checkpoints" / "step-00000001"
+    common = ["train", run.parent / "r.yaml", "--output", copy, "--set", "train.max_steps=3",
+              "--set", "train.save_every=1", "--set", "train.keep_last=3", "--resume", step]
+    try:
+        data.write_text(json.dumps([{**row, "output": row["output"] + "!"} for row in json.loads(original)]))
+        code, _, err = run_cli(capsys, *common)
+        assert_one_clean_line(code, err, "--resume", "training rows differ", str(step), "--allow-changes")
+        code, _, err = run_cli(capsys, *common, "--allow-changes")
+        assert code == 0, err
+    finally:
+        data.write_bytes(original)
+    code, _, err = run_cli(capsys, *common[:-2], "--set", "train.max_steps=4", "--resume", step)
+    assert code == 0, err  # the original rows again: resumes
 
 
 def test_resume_may_change_what_does_not_shape_the_run_and_allow_changes_overrides(run, stepped, capsys, tmp_path):

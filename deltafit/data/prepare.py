@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -38,6 +40,17 @@ class Prepared:
     eval: Optional[list[dict]]
     label_names: Optional[list[str]]  # classification: id -> original label (as str)
     stats: dict = field(default_factory=dict)
+
+    def train_digest(self) -> str:
+        """A hash of the training rows in their order (tokens, labels, masks): a resumed run checks
+        that it continues on the very rows its checkpoint was trained on."""
+        digest = hashlib.sha256()
+        for row in self.train or []:
+            for key in sorted(row):
+                value = row[key]
+                digest.update(key.encode() + b"\0")
+                digest.update(array("q", value).tobytes() if isinstance(value, list) else repr(value).encode())
+        return digest.hexdigest()
 
     @property
     def packed(self) -> bool:
