@@ -39,6 +39,32 @@ TRAINER = "trainer"
 STEP_PREFIX = "step-"
 
 
+# Recipe values that may name local files or folders, relative to the directory training ran in. A
+# checkpoint records them absolute, so eval, merge and --resume find the same ones from anywhere.
+PATH_KEYS = {"model": ("name", "tokenizer"), "data": ("train", "eval")}
+
+
+def absolute_paths(recipe_dict: dict) -> dict:
+    """A copy of a recipe (or part of one) whose relative local paths are absolute; hub ids, pkg:
+    and builtin: names, and paths that do not exist here are kept as written."""
+    out = {**recipe_dict}
+    for section, keys in PATH_KEYS.items():
+        if isinstance(out.get(section), dict):
+            part = out[section] = {**out[section]}
+            part.update({key: _absolute(part[key]) for key in keys if key in part})
+            if isinstance(part.get("train"), list):  # a mixture: each entry names its source
+                part["train"] = [{**e, "source": _absolute(e.get("source"))} if isinstance(e, dict) else e
+                                 for e in part["train"]]
+    return out
+
+
+def _absolute(value):
+    if not isinstance(value, str) or not value or value.startswith(("pkg:", "builtin:")) or "://" in value:
+        return value
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
 def metadata(recipe, delta, label_names: Optional[list[str]], step: int, epoch: float) -> dict:
     """Everything eval and merge need to rebuild the model from the checkpoint path alone."""
     return {
@@ -47,7 +73,7 @@ def metadata(recipe, delta, label_names: Optional[list[str]], step: int, epoch: 
         "deltafit_version": deltafit.__version__,
         "method": delta.name,
         "delta_config": delta.config.model_dump(mode="json"),
-        "model": recipe.model.model_dump(mode="json"),
+        "model": absolute_paths({"model": recipe.model.model_dump(mode="json")})["model"],
         "task": recipe.model.task,
         "label_names": label_names,
         "step": step,
@@ -69,7 +95,7 @@ def save(directory: Path, meta: dict, tensors: dict[str, torch.Tensor], recipe_d
     try:
         with atomic_dir(directory, replace=True, durable=True) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
-            (tmp / RECIPE).write_text(yaml.safe_dump(recipe_dict, sort_keys=False), encoding="utf-8")
+            (tmp / RECIPE).write_text(yaml.safe_dump(absolute_paths(recipe_dict), sort_keys=False), encoding="utf-8")
             if trainer_state is not None:
                 _save_trainer_state(tmp / TRAINER, trainer_state, shard_files)
             if before_metadata is not None:

@@ -842,8 +842,9 @@ def _check_same_rows(resume_from: Path, digest: str) -> None:
 
 
 def _check_unchanged(resume_from: Path, recipe) -> None:
-    saved = checkpoint.read_recipe_dict(resume_from)
-    now = recipe.to_dict()
+    # Both with absolute paths: the checkpoint records them so, and the recipe may name them relatively.
+    saved = checkpoint.absolute_paths(checkpoint.read_recipe_dict(resume_from))
+    now = checkpoint.absolute_paths(recipe.to_dict())
     for key in RESUME_KEYS:
         before, after = _at(saved, key), _at(now, key)
         if isinstance(before, dict) and isinstance(after, dict):

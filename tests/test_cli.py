@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from tests.helpers import run_cli, write_recipe
 
@@ -48,6 +49,37 @@ def test_eval_and_base_eval_report_loss_and_perplexity(lm_run, capsys):
     assert tuned["tokens"] == base["tokens"] > 0
     assert tuned["perplexity"] == pytest.approx(torch.tensor(tuned["loss"]).exp().item(), rel=1e-5)
     assert tuned["loss"] < base["loss"]  # 6 steps at lr 1e-2 on a learnable toy task
+
+
+def test_a_run_with_relative_paths_evaluates_and_resumes_from_another_directory(tmp_path, tiny_llama, alpaca_file,
+                                                                               capsys, monkeypatch):
+    """The recipe names the model and data relative to where training ran; the checkpoint records
+    them absolute, so eval from elsewhere finds them (it used to look 'model' up on the hub)."""
+    import shutil
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(tiny_llama, work / "model")
+    shutil.copy(alpaca_file, work / "train.json")
+    monkeypatch.chdir(work)
+    write_recipe(work / "r.yaml", "model", {"train": "train.json", "format": "alpaca", "eval_fraction": 0.25},
+                 train={"max_steps": 2, "save_every": 1})
+    code, _, err = run_cli(capsys, "train", "r.yaml", "--output", "run")
+    assert code == 0, err
+    for saved in (work / "run" / "final" / "recipe.yaml", work / "run" / "checkpoints" / "step-00000001" / "recipe.yaml"):
+        recipe = yaml.safe_load(saved.read_text())
+        assert recipe["model"]["name"] == str(work / "model") and recipe["data"]["train"] == str(work / "train.json")
+    meta = json.loads((work / "run" / "final" / "deltafit.json").read_text())
+    assert meta["model"]["name"] == str(work / "model")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _, err = run_cli(capsys, "eval", work / "run" / "final")
+    assert code == 0, err
+    assert json.loads((work / "run" / "final-eval.json").read_text())["tokens"] > 0
+    monkeypatch.chdir(work)  # the same relative recipe resumes: its paths compare as the absolute ones saved
+    code, _, err = run_cli(capsys, "train", "r.yaml", "--output", "run", "--resume", "--set", "train.max_steps=3")
+    assert code == 0, err
 
 
 def test_merge_saves_a_plain_model_with_equal_logits(lm_run, tmp_path, capsys):
