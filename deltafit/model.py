@@ -46,6 +46,9 @@ def resolve(name: str, gguf_file: Optional[str] = None) -> ModelRef:
     if name.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserError(f"recipe key 'model.name': '{name}' does not exist (expected a hub id like "
                         f"org/name, a local model directory, a .gguf file, or pkg:<package>)")
+    from deltafit.hub import offline_if_unreachable
+
+    offline_if_unreachable()  # no network: the local hub cache or a quick error, not a minute of retries
     return ModelRef(name)
 
 
@@ -119,7 +122,8 @@ def load_tokenizer(spec, ref: Optional[ModelRef] = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **_common_kwargs(spec))
     except (OSError, ValueError) as e:
-        raise UserError(f"recipe key 'model.tokenizer': could not load a tokenizer from '{source}' "
+        key = "model.tokenizer" if spec.tokenizer else "model.name"
+        raise UserError(f"recipe key '{key}': could not load a tokenizer from '{source}' "
                         f"({_first_line(e)})") from None
     if tokenizer.pad_token is None:
         # Padding positions are masked out by the attention mask and -100 labels, so reusing EOS

@@ -104,6 +104,9 @@ def _load_local(path: Path, split: str, key: str, columns: Optional[list[str]] =
 def _load_hub(source: str, config: Optional[str], split: str, key: str):
     import datasets
 
+    from deltafit.hub import offline_if_unreachable
+
+    offline_if_unreachable()  # no network: the local hub cache or a quick error, not half a minute of retries
     try:
         return datasets.load_dataset(source, config, split=split)
     except Exception as e:  # network, auth, unknown name/config/split: all reported the same way
