@@ -35,9 +35,10 @@ def no_network(monkeypatch, tmp_path):
 
 
 def test_an_unresolvable_hub_switches_the_hub_libraries_offline(no_network):
+    import os
+
     import datasets.config
     import huggingface_hub.constants
-    import os
 
     assert hub.offline_if_unreachable()
     assert huggingface_hub.constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE
@@ -55,7 +56,8 @@ def test_a_resolvable_hub_changes_nothing(monkeypatch):
 
 def test_a_hub_model_offline_is_one_line_naming_model_name(no_network, tmp_path, alpaca_file, capsys):
     """The key is model.name (the recipe sets no model.tokenizer), and no retry line is printed."""
-    recipe = write_recipe(tmp_path / "r.yaml", "SomeOrg/not-cached-model", {"train": str(alpaca_file), "format": "alpaca"})
+    data = {"train": str(alpaca_file), "format": "alpaca"}
+    recipe = write_recipe(tmp_path / "r.yaml", "SomeOrg/not-cached-model", data)
     code, out, err = run_cli(capsys, "train", recipe, "--output", tmp_path / "run")
     line = assert_one_clean_line(code, err, "recipe key 'model.name'", "SomeOrg/not-cached-model")
     assert "model.tokenizer" not in line and "Retry" not in err
