@@ -9,7 +9,7 @@ shared rank, SAID's dimension) are the methods' own `Delta.check_fits`, run by `
   tokens in front of each input (prompt, prefix), must fit `config.max_position_embeddings` (also
   for rotary models, which have no hard table but were trained up to it). A `data.max_length` left
   at its default is not held against the model: only values the recipe sets are refused.
-- Classes: a `model.num_labels` below the number of labels in the data.
+- Classes: a `model.num_labels` other than the number of labels in the data.
 
 No torch or transformers import: the config is only read.
 """
@@ -30,7 +30,7 @@ LABELS_SHOWN = 10
 def check_recipe_fits(recipe, model_config, label_names: Optional[Sequence[str]] = None) -> None:
     """Raise a one-line UserError for a recipe value the model cannot take: positions
     (`data.max_length`, `delta.num_virtual_tokens`) beyond the model's limit, or `model.num_labels`
-    below the number of classes in `label_names` (the data's labels; None: not known yet, not checked)."""
+    other than the number of classes in `label_names` (the data's labels; None: not known yet, not checked)."""
     check_positions(recipe, model_config)
     check_labels(recipe, label_names)
 
@@ -81,11 +81,13 @@ def _virtual_tokens(delta_config: Any) -> int:
 
 def check_labels(recipe, label_names: Optional[Sequence[str]]) -> None:
     wanted = recipe.model.num_labels
-    if recipe.model.task != "seq-cls" or wanted is None or not label_names or wanted >= len(label_names):
+    if recipe.model.task != "seq-cls" or wanted is None or not label_names or wanted == len(label_names):
         return
     names = [_show(n) for n in label_names[:LABELS_SHOWN]]
     more = f", ... ({len(label_names) - LABELS_SHOWN} more)" if len(label_names) > LABELS_SHOWN else ""
-    raise UserError(f"recipe key 'model.num_labels': {wanted} is fewer than the {len(label_names)} classes in the "
+    # More outputs than classes would be outputs with no label to name them, never trained toward.
+    relation = "is fewer than" if wanted < len(label_names) else "is more than"
+    raise UserError(f"recipe key 'model.num_labels': {wanted} {relation} the {len(label_names)} classes in the "
                     f"data ({', '.join(names)}{more}); set model.num_labels: {len(label_names)} or leave it out "
                     f"(it is inferred from the labels)")
 

@@ -233,14 +233,14 @@ def test_no_limit_means_no_position_check(tiny_llama):
     check_recipe_fits(recipe(tiny_llama, {"max_length": 100_000}), SimpleNamespace(model_type="t5"))
 
 
-def test_num_labels_below_the_data_classes_is_refused(tiny_bert):
+def test_num_labels_other_than_the_data_classes_is_refused(tiny_bert):
     def cls(num_labels=None):
         model = {"task": "seq-cls", **({"num_labels": num_labels} if num_labels else {})}
         return recipe(tiny_bert, {"format": "classification", "max_length": 32}, model=model)
 
     config = config_of(tiny_bert)
     labels = ["neg", "neutral", "pos"]
-    for fits in (cls(3), cls(5), cls(None)):
+    for fits in (cls(3), cls(None)):
         check_recipe_fits(fits, config, labels)
     check_recipe_fits(cls(2), config, None)  # labels not known yet: nothing to compare
     with pytest.raises(UserError) as err:
@@ -249,6 +249,10 @@ def test_num_labels_below_the_data_classes_is_refused(tiny_bert):
     for part in ("recipe key 'model.num_labels'", "2 is fewer than the 3 classes", "neg, neutral, pos",
                  "model.num_labels: 3"):
         assert part in message, (part, message)
+    # More outputs than classes: the head was sized from the labels all the same, the key ignored.
+    with pytest.raises(UserError) as err:
+        check_recipe_fits(cls(5), config, labels)
+    assert "5 is more than the 3 classes" in str(err.value) and "model.num_labels: 3" in str(err.value)
 
 
 def test_many_labels_are_listed_briefly_on_one_line(tiny_bert):
