@@ -48,6 +48,35 @@ def test_sharegpt_rows_encode_exactly_like_messages_rows(tok, tmp_path, train_on
         assert trained_runs(tok, got[0]) == ["hello world</s>", "it sat on the mat</s>"]
 
 
+def parts(messages, split=False):
+    """OpenAI content parts: each content as a list of text parts (split in two where asked)."""
+    def as_parts(text):
+        cut = len(text) // 2 if split else len(text)
+        return [{"type": "text", "text": t} for t in (text[:cut], text[cut:]) if t]
+    return [{**m, "content": as_parts(m["content"])} for m in messages]
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_openai_text_content_parts_encode_like_content_strings(tok, tmp_path, split):
+    """A chat template of a text model would render a list of parts as its Python repr."""
+    conversations = [CONVERSATION, CONVERSATION[1:3]]
+    strings = write_json(tmp_path / "s.jsonl", [{"messages": c} for c in conversations], lines=True)
+    listed = write_json(tmp_path / "p.jsonl", [{"messages": parts(c, split)} for c in conversations], lines=True)
+    want = prep(tok, train=str(strings), format="chat").train
+    got = prep(tok, train=str(listed), format="chat").train
+    assert len(want) == 2 and got == want
+    assert "'type'" not in tok.decode(got[0]["input_ids"])
+
+
+def test_an_image_content_part_is_refused_naming_the_message_and_the_row(tok, tmp_path):
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    rows = [{"messages": parts(CONVERSATION)} for _ in range(3)]
+    rows[2]["messages"][1]["content"].append(image)
+    data = write_json(tmp_path / "p.jsonl", rows, lines=True)
+    with pytest.raises(UserError, match=r"data\.messages_column.*message 2 .*line 3 .*type 'image_url'.*text parts"):
+        prep(tok, train=str(data), format="chat")
+
+
 def test_sharegpt_accepts_user_and_assistant_and_a_named_column(tok, tmp_path):
     openai = write_json(tmp_path / "openai.json", [{"messages": CONVERSATION}])
     plain = {"system": "system", "user": "user", "assistant": "assistant"}

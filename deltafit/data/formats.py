@@ -203,7 +203,27 @@ def _clean_messages(messages, column: str, where) -> list[dict]:
     if not isinstance(messages, list) or not all(isinstance(m, dict) and _is_turn(m) for m in messages):
         raise UserError(f"recipe key 'data.messages_column': column '{column}' must hold lists of {{role, content}} "
                         f"messages or ShareGPT {{from, value}} turns, got {str(messages)[:120]} at {where()}")
-    return [m if "role" in m else _sharegpt_turn(m, i, column, where) for i, m in enumerate(messages)]
+    turns = [m if "role" in m else _sharegpt_turn(m, i, column, where) for i, m in enumerate(messages)]
+    return [_text_content(m, i, column, where) for i, m in enumerate(turns)]
+
+
+def _text_content(message: dict, i: int, column: str, where) -> dict:
+    """OpenAI's content parts ([{type: text, text: ...}, ...]) as the one string a text model's chat
+    template renders: the text parts joined as they are. Chat templates of text models would print
+    the list's Python repr, which the model would then learn. Other parts (images, audio) are refused."""
+    parts = message.get("content")
+    if not isinstance(parts, list):
+        return message
+    texts = []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            shown = f"type {_shown(kind)}" if isinstance(part, dict) else _shown(part)
+            raise UserError(f"recipe key 'data.messages_column': message {i + 1} of column '{column}' at {where()} "
+                            f"has a content part of {shown}; a text model trains on text parts "
+                            f"({{\"type\": \"text\", \"text\": ...}}) or a content string")
+        texts.append(part["text"])
+    return {**message, "content": "".join(texts)}
 
 
 def _is_turn(message: dict) -> bool:
