@@ -158,6 +158,7 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, split: Optional[s
     with about_checkpoint(directory):
         model, tokenizer, _ = build_model(recipe.model, label_names=meta.get("label_names"), tokenizer=tokenizer)
         delta = None if base or tensors is None else attach_from_checkpoint(model, meta, tensors)
+    _check_label_count(directory, meta, prepared.label_names, model)
     batch_size = batch_size or recipe.train.batch_size
     loader = DataLoader(prepared.eval, batch_size=batch_size, collate_fn=make_collator(tokenizer.pad_token_id,
                                                                                        meta["task"]))
@@ -182,6 +183,20 @@ def _check_source(directory: Path, meta: dict, data: Optional[str], base: bool,
     if generation is not None and meta["task"] != "causal-lm":
         raise UserError(f"--generate: '{directory}' is a {meta['task']} (classification) model; --generate needs a "
                         f"causal-lm one (leave --generate out for accuracy, F1 and MCC)")
+
+
+def _check_label_count(directory: Path, meta: dict, data_labels, model) -> None:
+    """A classifier that names no labels (a PEFT adapter made by PEFT, a merged model with
+    LABEL_0...) gets its ids from the eval data's sorted labels; with fewer or more of them than the
+    head has outputs, that mapping is surely wrong, so it is refused rather than silently scored."""
+    if meta["task"] != "seq-cls" or meta.get("label_names") or not data_labels:
+        return
+    outputs = model.config.num_labels
+    if len(data_labels) != outputs:
+        raise UserError(f"'{directory}' does not name its labels and its classifier has {outputs} outputs, but the "
+                        f"eval data has {len(data_labels)} distinct labels ({', '.join(map(str, data_labels))}): "
+                        f"which id is which label is unknown. Evaluate on data with all {outputs} labels (sorted, "
+                        f"they are taken as ids 0..{outputs - 1}), or use the deltafit checkpoint, which records them")
 
 
 def _with_format(recipe, data_format: Optional[str]):

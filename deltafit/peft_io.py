@@ -12,6 +12,12 @@ tensor `prompt_embeddings`, and their saved head modules `base_model.<module>.<t
 tensor that hangs on PEFT's tuner itself rather than on a module of the model (VeRA's shared
 `base_model.vera_A` / `vera_B`) is returned by `to_peft` with its full `base_model.` key and kept
 as is; on import it reaches `from_peft` under that full key.
+
+What PEFT's config has no field for travels in the safetensors metadata of the weights file
+(`deltafit.label_names`: a classifier's labels by id, as JSON), which PEFT and transformers read
+past without a word; the import reads it back so the eval data's labels map to the trained ids.
+A classifier pooled by deltafit's `mean` hook is refused: PEFT and transformers pool the first
+token, so the adapter would not reproduce the checkpoint.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ ROOT = "base_model."  # keys from `to_peft` that already start with it are PEFT'
 # Config fields that describe the training run rather than the method: a method that leaves one
 # None in `to_peft` gets it from the checkpoint (PEFT's AdaLoRA config must name its run's length).
 RUN_FIELDS = {"total_step": lambda meta: max(1, int(meta.get("step") or 1))}
+LABELS_KEY = "deltafit.label_names"  # safetensors metadata: a classifier's label names by id (JSON list)
 
 
 def export_checkpoint(path: str, output: str, fmt: str = "peft") -> dict:
@@ -45,19 +52,23 @@ def export_checkpoint(path: str, output: str, fmt: str = "peft") -> dict:
     from deltafit.loading import load_checkpoint
 
     directory, meta, tensors = load_checkpoint(path)
+    skeleton = _meta_model(meta)
+    _refuse_mean_pooling(directory, skeleton)
     out = new_output_dir(Path(output), directory)
     method = deltas.get(meta["method"])
     config = method.Config.model_validate(meta["delta_config"])
     own = {k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}
     fields, peft_tensors = method.to_peft(config, own, lambda: _model_config(meta))
     fields = {**fields, **{k: fill(meta) for k, fill in RUN_FIELDS.items() if k in fields and fields[k] is None}}
+    if "fan_in_fan_out" in fields:
+        fields["fan_in_fan_out"] = _fan_in_fan_out(skeleton, fields.get("target_modules"))
     prefix = _tensor_prefix(method.peft_type)
     adapter = {k if method.peft_type in PROMPT_LEARNING or k.startswith(ROOT) else prefix + k: v
                for k, v in peft_tensors.items()}
     head = {k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
     adapter.update({prefix + k: v for k, v in head.items()})
     adapter_config = {**_common_fields(meta, method.peft_type, head), **fields}
-    _write_adapter(out, adapter_config, adapter)
+    _write_adapter(out, adapter_config, adapter, _extra_metadata(meta))
     return {"output": str(out), "method": meta["method"], "peft_type": method.peft_type,
             "tensors": len(adapter), "modules_to_save": adapter_config["modules_to_save"]}
 
@@ -92,17 +103,57 @@ def _model_config(meta: dict):
     return load_config(ModelSpec.model_validate(meta["model"]))
 
 
+def _meta_model(meta: dict):
+    """The checkpoint's model on the meta device (no weights): its module types and pooling."""
+    from deltafit.model import meta_model
+    from deltafit.recipe import ModelSpec
+
+    return meta_model(ModelSpec.model_validate(meta["model"]), num_labels=2)
+
+
+def _refuse_mean_pooling(directory: Path, skeleton) -> None:
+    """PEFT and transformers classifiers pool the first ([CLS]) token; deltafit's mean pooling is a
+    hook of its own, so an adapter of a mean-pooled classifier would give other logits under PEFT."""
+    from deltafit.model import POOLING_CONFIG_KEY
+
+    if getattr(skeleton.config, POOLING_CONFIG_KEY, None) == "mean":
+        raise UserError(f"checkpoint '{directory}' was trained with model.pooling: mean (the default for "
+                        f"sentence-transformers bases), which PEFT and transformers cannot reproduce: their "
+                        f"classifiers pool the [CLS] token. Train with model.pooling: cls to export; this "
+                        f"checkpoint itself works with `deltafit eval` and `deltafit merge`")
+
+
+def _fan_in_fan_out(skeleton, targets) -> bool:
+    """PEFT's fan_in_fan_out says its target stores the weight (in, out), as transformers' Conv1D
+    (GPT-2) does; PEFT overrides it per layer with a warning when it does not fit. The first target
+    decides, so a model of one layer kind loads silently; mixed kinds warn at each change whatever
+    the value (PEFT carries the corrected value on to the next layer)."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = set(targets) if isinstance(targets, (list, tuple, set)) else set()
+    for name, module in skeleton.named_modules():
+        if name in names:
+            return isinstance(module, Conv1D)
+    return False
+
+
+def _extra_metadata(meta: dict) -> dict[str, str]:
+    """What deltafit reads back on import beyond PEFT's config (safetensors metadata is str -> str)."""
+    names = meta.get("label_names")
+    return {LABELS_KEY: json.dumps([str(n) for n in names])} if meta["task"] == "seq-cls" and names else {}
+
+
 def _tensor_prefix(peft_type: str) -> str:
     return "base_model." if peft_type in PROMPT_LEARNING else "base_model.model."
 
 
-def _write_adapter(out: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+def _write_adapter(out: Path, config: dict, tensors: dict[str, torch.Tensor], extra: dict[str, str]) -> None:
     """Both files into a temp sibling, renamed into place: never a half-written adapter."""
     from safetensors.torch import save_file
 
     with atomic_dir(out) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS),
-                  metadata={"format": "pt"})  # PEFT writes (and transformers expects) this marker
+                  metadata={"format": "pt", **extra})  # PEFT writes (and transformers expects) "format"
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
@@ -131,14 +182,17 @@ def load_peft_adapter(path: Path, base_model: Optional[str] = None) -> tuple[dic
     model = {"name": name, "task": task, **({"revision": fields["revision"]} if fields.get("revision") else {})}
     delta_config, state = method.from_peft(fields, own, lambda: _model_config({"model": model}))
     state.update({HEAD_PREFIX + k: v for k, v in head.items()})
+    label_names = None
     if task == "seq-cls":
         model["num_labels"] = _num_labels(head, path)
+        model.update(_cls_pooling(model))
+        label_names = _adapter_label_names(path, model)
     # An adapter carries no data: eval needs --data, read as classification rows or alpaca rows.
     recipe = {"model": model, "data": {"train": "", "format": "classification" if task == "seq-cls" else "alpaca"},
               "delta": delta_config}
     # The method is the one `from_peft` chose: a LORA adapter with use_dora imports as "dora".
     meta = {"format": checkpoint.FORMAT, "method": delta_config["method"], "delta_config": delta_config,
-            "model": model, "task": task, "label_names": None, "step": None, "epoch": None,
+            "model": model, "task": task, "label_names": label_names, "step": None, "epoch": None,
             "source": f"peft:{path}", "recipe": recipe}
     return meta, state
 
@@ -264,3 +318,45 @@ def _num_labels(head: dict, path: Path) -> int:
     if not sizes:
         raise UserError(f"PEFT adapter '{path}' is a classifier but holds no classifier head (modules_to_save)")
     return int(sizes[0])
+
+
+def _cls_pooling(model: dict) -> dict:
+    """PEFT pools a classifier's first token: {"pooling": "cls"} where the architecture has a pooler
+    (else deltafit's default, mean for a sentence-transformers base, would change the logits)."""
+    from deltafit.model import POOLING_CONFIG_KEY
+
+    return {"pooling": "cls"} if hasattr(_meta_model({"model": model}).config, POOLING_CONFIG_KEY) else {}
+
+
+def _adapter_label_names(path: Path, model: dict) -> Optional[list[str]]:
+    """The label names deltafit's export stored in the weights' metadata, else the base config's
+    own id2label when it names real labels for every output; None when neither does (eval then
+    checks that the data's labels are as many as the head's outputs)."""
+    stored = _stored_label_names(path)
+    if stored is not None:
+        if len(stored) != model["num_labels"]:
+            raise UserError(f"PEFT adapter '{path}': {WEIGHTS} names {len(stored)} labels ({LABELS_KEY}) but its "
+                            f"classifier head has {model['num_labels']} outputs")
+        return stored
+    id2label = getattr(_model_config({"model": model}), "id2label", None) or {}
+    names = [str(id2label.get(i, id2label.get(str(i)))) for i in range(len(id2label))]
+    # transformers' placeholders (LABEL_0, ...) name no label; another head's names do not fit this one.
+    if names == [f"LABEL_{i}" for i in range(len(names))] or len(names) != model["num_labels"]:
+        return None
+    return names
+
+
+def _stored_label_names(path: Path) -> Optional[list[str]]:
+    from safetensors import safe_open
+
+    raw = (safe_open(str(path / WEIGHTS), framework="pt").metadata() or {}).get(LABELS_KEY)
+    if raw is None:
+        return None
+    try:
+        names = json.loads(raw)
+    except json.JSONDecodeError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise UserError(f"PEFT adapter '{path}': {WEIGHTS} metadata '{LABELS_KEY}' must be a JSON list of distinct "
+                        f"label names, got {raw[:80]!r}")
+    return names

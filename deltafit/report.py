@@ -29,6 +29,8 @@ def print_merge(result: dict) -> None:
     console.print(f"merged [bold]{result['method']}[/] into the base weights; merged vs unmerged logits on "
                   f"{result['inputs']} inputs: max abs diff {result['max_abs_logit_diff']:.3g}")
     console.print(f"saved a plain transformers model ({result['dtype']}) to {result['output']}")
+    if result.get("note"):
+        console.print(result["note"], style="yellow", markup=False)  # markup=False: "[CLS]" is not a tag
 
 
 def print_plan(plan: dict) -> None:

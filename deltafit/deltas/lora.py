@@ -52,7 +52,9 @@ from deltafit.deltas.base import Delta, TargetedConfig
 from deltafit.errors import UserError
 
 # PEFT LoraConfig options deltafit's LoRA cannot express, with the value that means "not used".
-PEFT_UNSUPPORTED = {"use_dora": False, "bias": "none", "lora_bias": False, "fan_in_fan_out": False, "rank_pattern": {},
+# (fan_in_fan_out is not one: it only says the target stores its weight (in, out), as GPT-2's Conv1D
+# does; lora_A/lora_B have the same shapes either way, and deltafit reads the layer's own layout.)
+PEFT_UNSUPPORTED = {"use_dora": False, "bias": "none", "lora_bias": False, "rank_pattern": {},
                     "alpha_pattern": {}, "layer_replication": None, "target_parameters": None,
                     "trainable_token_indices": None, "use_qalora": False, "alora_invocation_tokens": None}
 # Inits whose LoRA path starts at part of W0, the frozen base holding the rest (the residual).
@@ -181,7 +183,8 @@ class LoRA(Delta):
         tensors = {f"{host}.lora_{part}.weight": v for (host, part), v in split.items()}
         hosts = sorted({host for host, _ in split})
         fields = {"r": r, "lora_alpha": alpha, "lora_dropout": config.dropout,
-                  "use_rslora": config.rslora, "target_modules": hosts, "bias": "none", "fan_in_fan_out": False,
+                  "use_rslora": config.rslora, "target_modules": hosts, "bias": "none",
+                  "fan_in_fan_out": False,  # export sets it from the targets' layer kind
                   "init_lora_weights": "gaussian" if init == "gaussian" else True, "use_dora": False}
         return fields, tensors
 

@@ -144,10 +144,11 @@ class VeRA(Delta):
 
     @classmethod
     def from_peft(cls, fields, tensors, model_config):
-        for option, neutral in {"fan_in_fan_out": False, "bias": "none"}.items():
-            if fields.get(option) not in (neutral, None):
-                raise UserError(f"PEFT VeRA option {option}={fields[option]!r} has no deltafit equivalent; only VeRA "
-                                f"adapters on linear layers without bias training can be imported")
+        # fan_in_fan_out only says the target stores its weight (in, out) (GPT-2's Conv1D): the vectors
+        # and projections are the same either way, so it is no obstacle.
+        if fields.get("bias") not in ("none", None):
+            raise UserError(f"PEFT VeRA option bias={fields['bias']!r} has no deltafit equivalent; only VeRA "
+                            f"adapters on linear layers without bias training can be imported")
         shared = {k: tensors[f"{PEFT_ROOT}vera_{k}"] for k in ("A", "B") if f"{PEFT_ROOT}vera_{k}" in tensors}
         layers = _split_vectors({k: v for k, v in tensors.items() if not k.startswith(PEFT_ROOT)}, ".vera_lambda_",
                                 ("d", "b"))
