@@ -170,7 +170,8 @@ def merge(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory (or PEFT adapter) of a mergeable method."),
     output: Path = typer.Option(..., "--output", "-o", help="New directory for the merged transformers model."),
     dtype: Optional[str] = typer.Option(
-        None, "--dtype", help="Save the merged weights as float32, bfloat16 or float16 (default: the base's).",
+        None, "--dtype", help="Save the merged weights as float32, bfloat16 or float16 (default: model.dtype, "
+        "or the base's stored 16-bit dtype where model.dtype is float32).",
     ),
     base_model: Optional[str] = typer.Option(None, "--base-model", help=BASE_MODEL_HELP),
 ):

@@ -66,8 +66,8 @@ def test_a_run_with_relative_paths_evaluates_and_resumes_from_another_directory(
                  train={"max_steps": 2, "save_every": 1})
     code, _, err = run_cli(capsys, "train", "r.yaml", "--output", "run")
     assert code == 0, err
-    for saved in (work / "run" / "final" / "recipe.yaml", work / "run" / "checkpoints" / "step-00000001" / "recipe.yaml"):
-        recipe = yaml.safe_load(saved.read_text())
+    for saved in (work / "run" / "final", work / "run" / "checkpoints" / "step-00000001"):
+        recipe = yaml.safe_load((saved / "recipe.yaml").read_text())
         assert recipe["model"]["name"] == str(work / "model") and recipe["data"]["train"] == str(work / "train.json")
     meta = json.loads((work / "run" / "final" / "deltafit.json").read_text())
     assert meta["model"]["name"] == str(work / "model")
