@@ -102,8 +102,10 @@ def test_mean_pooled_classifier_export_is_refused_and_its_merge_carries_a_note(t
     code, out, err = run_cli(capsys, "export", directory, "--output", tmp_path / "adapter")
     assert_one_clean_line(code, err, "model.pooling: mean", "[CLS]", "model.pooling: cls", "deltafit eval", out=out)
     assert not (tmp_path / "adapter").exists()
-    result = merge_checkpoint(str(directory), str(tmp_path / "merged"))
-    assert "[CLS]" in result["note"] and "\n" not in result["note"]
+    code, out, err = run_cli(capsys, "merge", directory, "--output", tmp_path / "merged")
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "[CLS]" in notes[0] and "deltafit" in notes[0], out
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["deltafit_pooling"] == "mean"
 
 
