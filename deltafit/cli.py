@@ -57,8 +57,12 @@ def train(
 
     if output is not None and not output.strip():
         raise UserError("--output is empty: give the run directory to write (or leave --output out for runs/<name>)")
-    fit(load_recipe(recipe, set_ or []), Path(output) if output else None, resume, overwrite=overwrite,
-        allow_changes=allow_changes)
+    try:
+        fit(load_recipe(recipe, set_ or []), Path(output) if output else None, resume, overwrite=overwrite,
+            allow_changes=allow_changes)
+    except Interrupted as e:  # the resume command repeats this one's recipe and overrides
+        e.recipe_args = (str(recipe), *(arg for item in set_ or [] for arg in ("--set", item)))
+        raise
 
 
 @app.command("eval")

@@ -6,6 +6,7 @@ its traceback.
 """
 
 import difflib
+import shlex
 
 
 class UserError(Exception):
@@ -16,9 +17,17 @@ class Interrupted(Exception):
     """A run stopped on request (SIGINT/SIGTERM) after saving a checkpoint; the message says how to
     resume. The CLI exits with 128 + the signal number, as shells expect."""
 
-    def __init__(self, message: str, signum: int):
+    def __init__(self, message: str, signum: int, resume_args: tuple[str, ...] = ()):
         super().__init__(message)
         self.exit_code = 128 + signum
+        self.resume_args = resume_args  # what `deltafit train <recipe>` needs after it to resume
+        self.recipe_args: tuple[str, ...] = ("RECIPE",)  # the CLI puts in the recipe file and its --set
+
+    def __str__(self) -> str:
+        if not self.resume_args:
+            return super().__str__()
+        command = shlex.join(["deltafit", "train", *self.recipe_args, *self.resume_args])
+        return f"{super().__str__()} Resume with: {command}"
 
 
 # Names users bring from PEFT and the transformers Trainer, mapped to deltafit's own.

@@ -356,6 +356,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 def read_recipe_file(path: Path) -> dict:
     """A recipe file's mapping, read as plain YAML data: tags naming Python objects are refused
     (SafeLoader never imports or calls anything) and so is a key given twice."""
+    if path.is_dir():
+        yamls = sorted(p.name for p in path.glob("*.y*ml"))[:5]
+        raise UserError(f"recipe file '{path}' is a directory; give a .yaml file"
+                        + (f" (it holds {', '.join(yamls)})" if yamls else ""))
     if not path.is_file():
         raise UserError(f"recipe file '{path}' does not exist (expected a .yaml file)")
     size = path.stat().st_size

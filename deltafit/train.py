@@ -517,8 +517,8 @@ class GracefulStop:
 
 def _interrupted(run: Run, signum: int) -> Interrupted:
     directory = _save_step(run)
-    return Interrupted(f"interrupted at step {run.progress.step}: saved {directory}. Resume with: "
-                       f"deltafit train RECIPE --output {run.output_dir} --resume", signum)
+    return Interrupted(f"interrupted at step {run.progress.step}: saved {directory}.", signum,
+                       ("--output", str(run.output_dir), "--resume"))
 
 
 def _maybe_eval(run: Run) -> None:

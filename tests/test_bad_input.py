@@ -30,6 +30,13 @@ def test_missing_recipe_file(tmp_path, capsys):
     assert_clean_error(*run_cli(capsys, "train", tmp_path / "nope.yaml")[::2], "nope.yaml", "does not exist")
 
 
+def test_a_directory_given_as_the_recipe_says_so_and_lists_its_recipes(tmp_path, capsys):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "lora.yaml").write_text("model: {name: x}\n")
+    for command in ("train", "validate"):
+        assert_clean_error(*run_cli(capsys, command, tmp_path / "recipes")[::2], "is a directory", "lora.yaml")
+
+
 @pytest.mark.parametrize("setup", ["missing", "empty_dir", "pickle", "bad_json", "truncated"])
 def test_not_a_checkpoint(tmp_path, capsys, setup):
     path = tmp_path / "ckpt"

@@ -410,7 +410,7 @@ def test_hub_failure_is_a_user_error(tok, monkeypatch):
         prep(tok, train="nobody/no-such-dataset")
 
 
-def test_format_must_match_the_task_and_eval_options_must_not_conflict(tok, alpaca_file):
+def test_format_must_match_the_task_and_eval_options_must_not_conflict(tok, alpaca_file, tmp_path):
     with pytest.raises(UserError, match=r"data\.format.*seq-cls"):
         prep(tok, "seq-cls", train=str(alpaca_file))
     with pytest.raises(UserError, match=r"data\.eval_fraction"):
@@ -420,6 +420,12 @@ def test_format_must_match_the_task_and_eval_options_must_not_conflict(tok, alpa
     with pytest.raises(UserError, match=r"data\.label_column.*only one distinct value in data\.train \(\d+\)"):
         prep(tok, "seq-cls", train=str(alpaca_file), format="classification", text_column="instruction",
              label_column="output", max_train_examples=1)
+    two = write_json(tmp_path / "two_classes.json",
+                     [{"instruction": "good", "output": "x"}, {"instruction": "bad", "output": "y"}])
+    with pytest.raises(UserError, match=r"only one distinct value in data\.train \([xy]\) once "
+                                        r"data\.eval_fraction=0\.5 held rows out.*lower it, or give data\.eval"):
+        prep(tok, "seq-cls", train=str(two), format="classification", text_column="instruction",
+             label_column="output", eval_fraction=0.5)
     with pytest.raises(UserError, match=r"data\.label_column.*no value in column 'input'"):
         prep(tok, "seq-cls", train=str(alpaca_file), format="classification", text_column="instruction",
              label_column="input")

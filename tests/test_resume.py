@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -149,6 +150,8 @@ def test_a_signal_finishes_the_step_saves_and_says_how_to_resume(recipe, referen
     assert code == 128 + signum, out
     assert "Traceback" not in out
     assert "--resume" in out and "interrupted at step" in out
+    # the command to resume names this run's recipe (shell-quoted), not a placeholder
+    assert f"Resume with: {shlex.join(['deltafit', 'train', str(recipe), '--output', str(run), '--resume'])}" in out
     stopped_at = int(out.split("interrupted at step ")[1].split(":")[0])
     assert stopped_at < STEPS
     assert (run / "checkpoints" / f"step-{stopped_at:08d}" / "deltafit.json").is_file()  # not only save_every steps

@@ -361,8 +361,11 @@ def _label_names_from(ds, spec, key: str) -> list[str]:
     else:
         names = sorted(distinct)
     if len(names) < 2:
+        held_out = spec.eval_fraction and not (spec.eval or spec.eval_split)
+        why = (f" once data.eval_fraction={spec.eval_fraction} held rows out for evaluation (lower it, or give "
+               f"data.eval)") if held_out else ""
         raise UserError(f"recipe key 'data.label_column': column '{spec.label_column}' has only one distinct "
-                        f"value in {key} ({', '.join(names)}); classification needs at least two classes")
+                        f"value in {key} ({', '.join(names)}){why}; classification needs at least two classes")
     return names
 
 
