@@ -206,3 +206,79 @@ def test_headerless_file_without_columns_gets_a_hint(tmp_path):
     path = cola_file(tmp_path, ["gj04\t1\t1\tsentence one", "gj04\t0\t*\tsentence two"])
     with pytest.raises(UserError, match=r"repeated column name.*data\.columns"):
         load_rows(str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders and compressed files
+
+
+@pytest.fixture()
+def datasets_cache(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+
+
+ROWS = [{"instruction": f"Say {i}.", "output": str(i)} for i in range(6)]
+
+
+def test_a_folder_mixing_formats_is_refused_not_read_in_part(tok, tmp_path, datasets_cache):
+    """The datasets library reads one format per folder and skips the rest without a word."""
+    import csv
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_json(folder / "a.json", ROWS[:3])
+    with open(folder / "b.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["instruction", "output"])
+        writer.writeheader()
+        writer.writerows(ROWS[3:])
+    with pytest.raises(UserError, match=r"data\.train.*folder .*mixed.* mixes \.csv and \.json files"):
+        prep(tok, train=str(folder), format="alpaca")
+
+
+def test_an_empty_folder_is_named_as_a_folder_not_a_hub_dataset(tok, tmp_path, datasets_cache):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README.md").write_text("no data here")
+    with pytest.raises(UserError, match=r"folder .*empty' holds no data files") as err:
+        prep(tok, train=str(tmp_path / "empty"), format="alpaca")
+    assert "hub" not in str(err.value)
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_a_save_to_disk_folder_loads(tok, tmp_path, datasets_cache, as_dict):
+    import datasets
+
+    ds = datasets.Dataset.from_list(ROWS)
+    (datasets.DatasetDict({"train": ds}) if as_dict else ds).save_to_disk(str(tmp_path / "saved"))
+    plain = write_json(tmp_path / "plain.json", ROWS)
+    assert prep(tok, train=str(tmp_path / "saved"), format="alpaca").train == \
+        prep(tok, train=str(plain), format="alpaca").train
+
+
+@pytest.mark.parametrize("name", ["train.jsonl.gz", "train.json.gz", "train.csv.gz", "train.tsv.gz"])
+def test_a_compressed_file_loads_like_the_plain_one(tok, tmp_path, datasets_cache, name):
+    import csv
+    import gzip
+    import io
+    import json
+
+    kind = name.split(".")[1]
+    if kind in ("csv", "tsv"):
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=["instruction", "output"], delimiter="," if kind == "csv" else "\t")
+        writer.writeheader()
+        writer.writerows(ROWS)
+        body = text.getvalue()
+    else:
+        body = "\n".join(map(json.dumps, ROWS)) if kind == "jsonl" else json.dumps(ROWS)
+    (tmp_path / name).write_bytes(gzip.compress(body.encode()))
+    (tmp_path / name.removesuffix(".gz")).write_text(body)
+    assert prep(tok, train=str(tmp_path / name), format="alpaca").train == \
+        prep(tok, train=str(tmp_path / name.removesuffix(".gz")), format="alpaca").train
+
+
+def test_a_compressed_file_of_another_kind_is_refused(tok, tmp_path):
+    (tmp_path / "notes.md.gz").write_bytes(b"")
+    with pytest.raises(UserError, match=r"data\.train.*compressed.*\.json/\.jsonl/\.csv/\.tsv"):
+        prep(tok, train=str(tmp_path / "notes.md.gz"), format="alpaca")

@@ -84,8 +84,9 @@ def _load_local(path: Path, split: str, key: str, columns: Optional[list[str]] =
         raise UserError(f"recipe key '{key}': file '{path}' does not exist (expected a local "
                         f"{'/'.join(LOCAL_EXTENSIONS)} file or a hub dataset name)")
     if path.is_dir():
-        # A folder of data files (or a dataset repo clone): the datasets library knows those layouts.
-        return _load_hub(str(path), None, split, key)
+        return _load_folder(path, split, key)
+    if path.suffix.lower() in COMPRESSED:
+        return _load_compressed(path, key)
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
         raise UserError(f"recipe key '{key}': '{path}' has an unsupported extension "
@@ -99,6 +100,75 @@ def _load_local(path: Path, split: str, key: str, columns: Optional[list[str]] =
         raise UserError(f"recipe key '{key}': file '{path}' {e}") from None
     rows.source = str(path)  # so a bad value can be reported as "line 7 of '<path>'"
     return rows
+
+
+DATA_SUFFIXES = (*LOCAL_EXTENSIONS, ".arrow")  # what a folder's data files may be (before .gz & co.)
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+# Files of a dataset folder that describe it rather than hold rows.
+DATASET_METADATA = ("dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json")
+
+
+def _load_folder(path: Path, split: str, key: str):
+    """A folder of data files (or a dataset repo clone, or a `save_to_disk` folder): the datasets
+    library knows those layouts, but reads one format per folder, silently skipping the others."""
+    import datasets
+
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        return _read_folder(lambda: _saved_split(datasets.load_from_disk(str(path)), split), path, split, key)
+    kinds = sorted({_data_suffix(f) for f in path.rglob("*")
+                    if f.is_file() and not _hidden_in(f, path) and f.name not in DATASET_METADATA} - {None})
+    if len(kinds) > 1:
+        raise UserError(f"recipe key '{key}': folder '{path}' mixes {' and '.join(kinds)} files; only one format "
+                        f"per folder is read (the others would be skipped): keep one, or list the files as a "
+                        f"data.train mixture")
+    if not kinds:
+        raise UserError(f"recipe key '{key}': folder '{path}' holds no data files (expected "
+                        f"{'/'.join(LOCAL_EXTENSIONS)} files, possibly gzip-compressed)")
+    return _read_folder(lambda: datasets.load_dataset(str(path), split=split), path, split, key)
+
+
+# A compressed file (train.jsonl.gz) by the format of what it holds: the datasets library's readers,
+# which decompress as they read.
+COMPRESSED_READERS = {".json": ("json", {}), ".jsonl": ("json", {}), ".csv": ("csv", {}),
+                      ".tsv": ("csv", {"sep": "\t"})}
+
+
+def _load_compressed(path: Path, key: str):
+    import datasets
+
+    inner = _data_suffix(path)
+    if inner not in COMPRESSED_READERS:
+        raise UserError(f"recipe key '{key}': '{path}' is compressed; compressed files can hold "
+                        f"{'/'.join(COMPRESSED_READERS)} data (e.g. train.jsonl.gz), not {inner or 'this'}")
+    builder, options = COMPRESSED_READERS[inner]
+    return _read_folder(lambda: datasets.load_dataset(builder, data_files=str(path), split="train", **options),
+                        path, "train", key)
+
+
+def _saved_split(loaded, split: str):
+    """A `save_to_disk` folder: a DatasetDict's split, or the one Dataset it holds."""
+    return loaded[split] if hasattr(loaded, "keys") else loaded
+
+
+def _read_folder(read, path: Path, split: str, key: str):
+    try:
+        return read()
+    except Exception as e:  # a layout or split the library refuses, unreadable files: reported the same way
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        what = f"folder '{path}' could not be read as a dataset (split '{split}')" if path.is_dir() else \
+            f"file '{path}' could not be read"
+        raise UserError(f"recipe key '{key}': {what}: {type(e).__name__}: {reason}") from None
+
+
+def _data_suffix(file: Path) -> Optional[str]:
+    suffixes = [s.lower() for s in file.suffixes[-2:]]
+    if suffixes and suffixes[-1] in COMPRESSED:
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes and suffixes[-1] in DATA_SUFFIXES else None
+
+
+def _hidden_in(file: Path, root: Path) -> bool:
+    return any(part.startswith((".", "__")) for part in file.relative_to(root).parts)  # .git, __pycache__
 
 
 def _load_hub(source: str, config: Optional[str], split: str, key: str):
