@@ -54,6 +54,9 @@ class MetricsLog:
             console.print(_packing_line(stats))
         if stats.get("train_truncated"):
             console.print(f"[yellow]{stats['train_truncated']} training examples were truncated to data.max_length[/]")
+        if stats.get("train_dropped"):
+            console.print(f"[yellow]{stats['train_dropped']} training rows were left out: nothing to learn in them (a "
+                          f"blank output, or nothing left after truncation to data.max_length)[/]")
 
     def micro_batch(self, loss) -> None:
         self._sum += float(loss)  # a NaN here stays NaN in the step's mean, which the trainer checks

@@ -235,6 +235,19 @@ def test_truncation_is_counted_and_fully_masked_examples_dropped(tok, tmp_path):
     assert data.stats["train_tokens"] == 16 + len(full[2]["input_ids"])
 
 
+@pytest.mark.parametrize("blank", [None, "", "  \n"], ids=["null", "empty", "spaces"])
+def test_alpaca_rows_with_a_blank_output_are_dropped_and_counted(tok, tmp_path, blank):
+    """Such a row would only teach the model to stop at once (its one trained token is EOS)."""
+    rows = [{"instruction": f"Say {i}.", "output": str(i)} for i in range(4)]
+    blanks = [{"instruction": "Say nothing."}] if blank is None else [{"instruction": "Say nothing.", "output": blank}]
+    full = prep(tok, train=str(write_json(tmp_path / "a.json", rows)), format="alpaca")
+    data = prep(tok, train=str(write_json(tmp_path / "b.json", rows[:2] + blanks + rows[2:])), format="alpaca")
+    assert data.train == full.train and data.stats["train_dropped"] == 1 and data.stats["train_rows"] == 5
+    # With train_on_inputs the prompt is trained on too, so the row has something to teach.
+    kept = prep(tok, train=str(tmp_path / "b.json"), format="alpaca", train_on_inputs=True)
+    assert len(kept.train) == 5 and kept.stats["train_dropped"] == 0
+
+
 def test_classification_truncation_counts(tok):
     data = prep(tok, "seq-cls", train=str(SST2_DEV), format="classification", text_column="sentence", max_length=8)
     full = prep(tok, "seq-cls", train=str(SST2_DEV), format="classification", text_column="sentence", max_length=4096)

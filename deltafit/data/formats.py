@@ -53,6 +53,12 @@ def _encode_causal(ds, spec, tokenizer):
     bos, eos = _bos_prefix(tokenizer), tokenizer.eos_token_id
     examples, truncated, dropped, at = [], 0, 0, 0
     for segments in rows:
+        # A row whose trained text is blank (an alpaca row with no output) would only teach the model
+        # to stop at once: dropped and counted, like a row truncation left nothing to learn in.
+        if not spec.train_on_inputs and not any(trained and text.strip() for text, trained in segments):
+            at += len(segments)
+            dropped += 1
+            continue
         ids, labels = [], []
         for _, trained in segments:
             piece, at = flat[at], at + 1
