@@ -240,8 +240,9 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
                         label_names=_saved_labels(resume_from), batch_size=t.batch_size)
     if not data.train:
         dropped = data.stats.get("train_dropped")
-        why = (f" ({dropped} dropped: nothing to learn, a blank output or nothing left after truncation to "
-               f"data.max_length={recipe.data.max_length} tokens)") if dropped else ""
+        why = (f" ({dropped} dropped: nothing to learn in them, a blank output or nothing left after truncation "
+               f"to data.max_length={recipe.data.max_length} tokens; fill in the outputs or raise data.max_length)"
+               ) if dropped else ""
         raise UserError(f"data.train: '{recipe.data.train}' gave no training examples{why}")
     if (t.early_stopping or t.keep_best) and not data.eval:
         raise UserError(f"recipe key '{_selection_key(t)}': the evaluation data gave no examples to evaluate on")

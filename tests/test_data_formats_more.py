@@ -282,3 +282,14 @@ def test_a_compressed_file_of_another_kind_is_refused(tok, tmp_path):
     (tmp_path / "notes.md.gz").write_bytes(b"")
     with pytest.raises(UserError, match=r"data\.train.*compressed.*\.json/\.jsonl/\.csv/\.tsv"):
         prep(tok, train=str(tmp_path / "notes.md.gz"), format="alpaca")
+
+
+def test_a_json_column_mixing_numbers_and_text_reads_as_text(tok, tmp_path):
+    """Labels 1 and "1" (hand-edited files, merged exports) are one class, as in a CSV file; Arrow
+    alone would refuse the column."""
+    texts = [f"{'good' if i % 2 else 'bad'} film {i}" for i in range(8)]
+    mixed = [{"text": t, "label": (i % 2) if i < 4 else str(i % 2)} for i, t in enumerate(texts)]
+    plain = [{"text": t, "label": i % 2} for i, t in enumerate(texts)]
+    got = prep(tok, "seq-cls", train=str(write_json(tmp_path / "m.jsonl", mixed, lines=True)), format="classification")
+    want = prep(tok, "seq-cls", train=str(write_json(tmp_path / "p.jsonl", plain, lines=True)), format="classification")
+    assert got.label_names == want.label_names == ["0", "1"] and got.train == want.train

@@ -278,6 +278,7 @@ def _from_records(records: list[dict], numbers: Optional[list[int]] = None, unit
 
     # Columns are the union of every record's keys (Dataset.from_list looks at the first only).
     columns = dict.fromkeys(k for r in records for k in r)
+    records = _numbers_as_text_where_mixed(records, columns)
     try:
         return ArrowRows(pyarrow.Table.from_pydict({c: [r.get(c) for r in records] for c in columns}), numbers, unit)
     except OverflowError:  # Arrow's integers are 64-bit
@@ -286,6 +287,16 @@ def _from_records(records: list[dict], numbers: Optional[list[int]] = None, unit
     except pyarrow.lib.ArrowException as e:
         raise _BadFile(f"has a column whose values mix types: {_mixed_column(records, columns) or e} "
                        f"(every row must give a column the same kind of value)") from None
+
+
+def _numbers_as_text_where_mixed(records: list[dict], columns) -> list[dict]:
+    """A column holding both text and numbers (labels 1 and "1", ids 7 and "7a") as text throughout,
+    as a CSV file would give it: Arrow types a column as a whole and would refuse the mix."""
+    mixed = [c for c in columns if {type(r.get(c)) for r in records} - {type(None)} in ({str, int}, {str, float},
+                                                                                        {str, int, float})]
+    if not mixed:
+        return records
+    return [{**r, **{c: str(r[c]) for c in mixed if type(r.get(c)) in (int, float)}} for r in records]
 
 
 def _huge_number_column(records: list[dict], columns) -> str:
