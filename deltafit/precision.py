@@ -17,9 +17,16 @@ CPU_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX-512 BF16"}  # /proc/cpu
 
 def resolve(requested: str) -> tuple[str, str]:
     """(precision for Accelerate: 'no' | 'bf16' | 'fp16', why): the recipe's choice, or auto's pick."""
+    import torch
+
+    if requested == "fp16" and not torch.cuda.is_available():
+        # Accelerate autocasts fp16 only on CUDA: elsewhere the run would be fp32 while saying fp16.
+        from deltafit.errors import UserError
+
+        raise UserError("recipe key 'train.mixed_precision': fp16 needs a CUDA GPU (elsewhere Accelerate runs it "
+                        "as plain fp32); use bf16, no or auto")
     if requested != "auto":
         return requested, "train.mixed_precision says so" + _emulated_warning(requested)
-    import torch
 
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from deltafit import precision
+from deltafit.errors import UserError
 from deltafit.recipe import load_recipe
 from tests.helpers import run_cli, write_recipe
 
@@ -19,8 +20,14 @@ def cpu_only(monkeypatch):
 
 def test_explicit_choices_pass_through(cpu_only, monkeypatch):
     monkeypatch.setattr(precision, "cpu_bf16_units", lambda: ["AMX-BF16"])
-    for choice in ("no", "bf16", "fp16"):
+    for choice in ("no", "bf16"):
         assert precision.resolve(choice) == (choice, "train.mixed_precision says so")
+
+
+def test_fp16_without_cuda_is_refused_not_run_as_fp32_under_its_name(cpu_only):
+    """Accelerate autocasts fp16 on CUDA only: on a CPU the run was plain fp32 while its log said fp16."""
+    with pytest.raises(UserError, match=r"'train\.mixed_precision': fp16 needs a CUDA GPU.*bf16, no or auto"):
+        precision.resolve("fp16")
 
 
 def test_an_explicit_bf16_on_a_cpu_that_emulates_it_is_warned_in_the_first_line(cpu_only, monkeypatch):
