@@ -296,6 +296,9 @@ def report(
     target = Path(output) if output else run_dir
     if target.exists() and not target.is_dir():
         raise UserError(f"--output '{target}' is a file; give a directory for the charts")
+    from deltafit.fsutil import check_writable_dir
+
+    check_writable_dir(target)  # a file on the way there, or a read-only place: one line, not a traceback
     charts = run_charts(records, target, title=run_dir.name)
     print_run_summary(run_dir, summarize_run(records), charts)
 

@@ -144,9 +144,9 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, split: Optional[s
         generation.check()
     directory, meta, tensors = load_source(path, base_model, merged=True)
     _check_source(directory, meta, data, base, generation)
-    out = beside_checkpoint(directory, output, "eval", ".json", base)
     recipe = _with_format(source_recipe(directory, meta), data_format)
     spec = _eval_data_spec(recipe.data, data, split)
+    out = beside_checkpoint(directory, output, "eval", ".json", base, inputs=(data, spec.train, spec.eval))
     with about_checkpoint(directory):
         tokenizer = load_tokenizer(recipe.model)
     prepared = prepare_data(spec, tokenizer, meta["task"], recipe.train.seed,

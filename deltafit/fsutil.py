@@ -125,12 +125,18 @@ def check_outside_checkpoints(out: Path, option: str = "--output") -> None:
 
 
 def beside_checkpoint(directory: Path, output: Optional[str], what: str, suffix: str, base: bool,
-                      kind: str = "JSON") -> Path:
+                      kind: str = "JSON", inputs: tuple = ()) -> Path:
     """Where a command's results go: --output, else beside the checkpoint
-    (`<checkpoint>-<what>[-base]<suffix>`), never inside it. Checked before any work."""
+    (`<checkpoint>-<what>[-base]<suffix>`), never inside it, and never over one of the command's
+    `inputs` (its data files). Checked before any work."""
     out = Path(output) if output else directory.with_name(f"{directory.name}-{what}{'-base' if base else ''}{suffix}")
     if out.is_dir() or str(output).strip() in ("", "."):
         raise UserError(f"--output '{output}' is a directory; give the path of a {kind} file to write")
+    for source in inputs:
+        if isinstance(source, str) and source and out.exists() and Path(source).expanduser().exists() \
+                and out.resolve() == Path(source).expanduser().resolve():
+            raise UserError(f"--output '{output}' is the data file this command reads; writing the results there "
+                            f"would replace it: choose another path")
     check_outside_checkpoints(out)
     check_writable_dir(out.parent)
     return out

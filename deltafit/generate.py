@@ -339,7 +339,8 @@ def run(checkpoint: str, settings: Settings, prompts: Optional[list[str]] = None
     settings.check()
     check_request(prompts or [], data, chat, output, batch_size, prompt_format)
     source = open_source(checkpoint, base_model)
-    out = beside_checkpoint(source.directory, output, "generate", ".jsonl", base, "JSON lines") if data else None
+    out = beside_checkpoint(source.directory, output, "generate", ".jsonl", base, "JSON lines",
+                            inputs=(data,)) if data else None
     tokenizer = load_tokenizer(source)
     # The file's rows are read and checked before any weights load: a bad row costs nothing.
     rows = data_rows(tokenizer, prompt_spec(source, prompt_format), data) if data else None

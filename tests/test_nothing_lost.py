@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -57,6 +58,25 @@ def test_eval_output_inside_a_checkpoint_is_refused(run, capsys, target, no_mode
 def test_eval_output_that_is_a_directory_is_refused(run, capsys, tmp_path, no_model_loading):
     code, _, err = run_cli(capsys, "eval", run / "final", "--output", tmp_path)
     assert_one_clean_line(code, err, "--output", "is a directory")
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_an_output_that_is_the_input_data_file_is_refused(run, capsys, tmp_path, no_model_loading, command):
+    """`-o` naming the very --data file would replace the user's data with the results."""
+    data = tmp_path / "eval.json"
+    shutil.copy(run.parent / "alpaca.json", data)
+    before = data.read_bytes()
+    code, _, err = run_cli(capsys, command, run / "final", "--data", data, "--output", tmp_path / "." / "eval.json")
+    assert_one_clean_line(code, err, "--output", "is the data file this command reads")
+    assert data.read_bytes() == before
+
+
+def test_eval_output_over_the_recipes_eval_data_is_refused(run, capsys, no_model_loading):
+    data = run.parent / "alpaca.json"  # the recipe's data.train, from which eval_fraction held rows out
+    before = data.read_bytes()
+    code, _, err = run_cli(capsys, "eval", run / "final", "--output", data)
+    assert_one_clean_line(code, err, "--output", "is the data file this command reads")
+    assert data.read_bytes() == before
 
 
 def test_eval_split_on_a_single_local_file_is_refused(run, capsys, tmp_path):

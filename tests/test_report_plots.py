@@ -101,6 +101,9 @@ def test_report_output_that_is_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     code, out, err = run_cli(capsys, "report", run, "--output", tmp_path / "file")
     assert_one_clean_line(code, err, "--output", "is a file", out=out)
+    # A file on the way to the directory: used to be a NotADirectoryError traceback.
+    code, out, err = run_cli(capsys, "report", run, "--output", tmp_path / "file" / "charts")
+    assert_one_clean_line(code, err, "--output", "is a file, so no directory can be made there", out=out)
 
 
 def test_report_without_matplotlib_is_one_line(tmp_path, capsys, monkeypatch):
