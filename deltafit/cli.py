@@ -105,6 +105,10 @@ def eval_(
     max_examples: Optional[int] = typer.Option(
         None, "--max-examples", help="With --generate: answer only the first N distinct prompts (default: all).",
     ),
+    set_: Optional[List[str]] = typer.Option(
+        None, "--set", help="Override a data key for the eval data, e.g. --set data.text_column=sentence (repeatable; "
+        "data.* keys only: the model and delta come from the checkpoint).",
+    ),
 ):
     """Score a checkpoint: loss and perplexity (causal LM), or accuracy, F1 and MCC (classification);
     with --generate, exact match, ROUGE-L, BLEU and JSON scores of its answers too."""
@@ -120,7 +124,7 @@ def eval_(
         128 if max_new_tokens is None else max_new_tokens, max_examples,
     ) if generate else None
     results, path = evaluate_checkpoint(str(checkpoint), data, split, base, batch_size, str(output) if output else None,
-                                        base_model, request, format_)
+                                        base_model, request, format_, set_ or [])
     print_results(results, path)
 
 

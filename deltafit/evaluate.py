@@ -130,7 +130,7 @@ class GenerationRequest:
 def evaluate_checkpoint(path: str, data: Optional[str] = None, split: Optional[str] = None, base: bool = False,
                         batch_size: Optional[int] = None, output: Optional[str] = None,
                         base_model: Optional[str] = None, generation: Optional[GenerationRequest] = None,
-                        data_format: Optional[str] = None) -> tuple[dict, Path]:
+                        data_format: Optional[str] = None, overrides: tuple = ()) -> tuple[dict, Path]:
     """Score a checkpoint, PEFT adapter or merged model (or, with base=True, the untouched base model)
     on held-out data; with `generation`, also score its greedy answers (predictions written beside
     the results, `<results>-predictions.jsonl`)."""
@@ -144,7 +144,7 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, split: Optional[s
         generation.check()
     directory, meta, tensors = load_source(path, base_model, merged=True)
     _check_source(directory, meta, data, base, generation)
-    recipe = _with_format(source_recipe(directory, meta), data_format)
+    recipe = _with_data_overrides(_with_format(source_recipe(directory, meta), data_format), overrides, directory)
     spec = _eval_data_spec(recipe.data, data, split)
     out = beside_checkpoint(directory, output, "eval", ".json", base, inputs=(data, spec.train, spec.eval))
     with about_checkpoint(directory):
@@ -206,6 +206,22 @@ def _with_format(recipe, data_format: Optional[str]):
     if data_format not in CAUSAL_FORMATS + ("classification",):
         raise UserError(f"--format '{data_format}' is not one of {', '.join(CAUSAL_FORMATS + ('classification',))}")
     return recipe.model_copy(update={"data": recipe.data.model_copy(update={"format": data_format})})
+
+
+def _with_data_overrides(recipe, overrides, directory: Path):
+    """`--set data.KEY=VALUE`: the eval data's columns and options (a merged model or PEFT adapter
+    records none, so a file whose text is not in a 'text' column needs them)."""
+    if not overrides:
+        return recipe
+    from deltafit.recipe import apply_override, recipe_from_dict
+
+    raw = recipe.to_dict()
+    for item in overrides:
+        if not item.strip().startswith("data."):
+            raise UserError(f"--set '{item}': eval takes data.* keys only (e.g. data.text_column=sentence); the "
+                            f"model and delta come from the checkpoint")
+        apply_override(raw, item)
+    return recipe_from_dict(raw, source=f"'{directory}' with --set")
 
 
 def _predictions_path(results: Path) -> Path:

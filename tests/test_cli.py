@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import run_cli, write_recipe
+from tests.helpers import assert_one_clean_line, run_cli, write_recipe
 
 
 @pytest.fixture()
@@ -49,6 +49,24 @@ def test_eval_and_base_eval_report_loss_and_perplexity(lm_run, capsys):
     assert tuned["tokens"] == base["tokens"] > 0
     assert tuned["perplexity"] == pytest.approx(torch.tensor(tuned["loss"]).exp().item(), rel=1e-5)
     assert tuned["loss"] < base["loss"]  # 6 steps at lr 1e-2 on a learnable toy task
+
+
+def test_eval_set_names_the_columns_of_other_data(lm_run, alpaca_file, tmp_path, capsys):
+    """--set data.* reads a file whose columns have other names (a merged model or PEFT adapter records
+    no data section, so this is the only way to score such a file); other keys are refused."""
+    rows = json.loads(alpaca_file.read_text())
+    renamed = tmp_path / "renamed.json"
+    renamed.write_text(json.dumps([{"q": r["instruction"], "ctx": r.get("input", ""), "a": r["output"]} for r in rows]))
+    code, _, err = run_cli(capsys, "eval", lm_run / "final", "--data", alpaca_file, "-o", tmp_path / "plain.json")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "eval", lm_run / "final", "--data", renamed, "-o", tmp_path / "renamed-eval.json",
+                           "--set", "data.instruction_column=q", "--set", "data.input_column=ctx",
+                           "--set", "data.output_column=a")
+    assert code == 0, err
+    plain, other = (json.loads((tmp_path / f).read_text()) for f in ("plain.json", "renamed-eval.json"))
+    assert other["tokens"] == plain["tokens"] > 0 and other["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+    code, _, err = run_cli(capsys, "eval", lm_run / "final", "--set", "delta.r=2")
+    assert_one_clean_line(code, err, "--set 'delta.r=2'", "data.* keys only")
 
 
 def test_a_run_with_relative_paths_evaluates_and_resumes_from_another_directory(tmp_path, tiny_llama, alpaca_file,
