@@ -14,9 +14,6 @@ import os
 import socket
 from urllib.parse import urlparse
 
-OFFLINE_HINT = ("the hub cannot be reached from here (no network) and it is not in the local hub cache; "
-                "use a local path, or download it where there is a network")
-
 
 def offline_if_unreachable() -> bool:
     """Before a hub lookup: True when the hub libraries are (now) in offline mode."""

@@ -246,8 +246,9 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
         raise UserError(f"data.train: '{recipe.data.train}' gave no training examples{why}")
     if (t.early_stopping or t.keep_best) and not data.eval:
         raise UserError(f"recipe key '{_selection_key(t)}': the evaluation data gave no examples to evaluate on")
+    train_digest = data.train_digest()  # hashed once: the resume check and step checkpoints use it
     if resume_from is not None and not allow_changes:
-        _check_same_rows(resume_from, data.train_digest())
+        _check_same_rows(resume_from, train_digest)
     check_recipe_fits(recipe, load_config(recipe.model), data.label_names)  # before any weights load
     # The delta's sizes, and the conflicts between the deltas of a composition, on a weightless model.
     probe.check_fits(meta_model(recipe.model, num_labels=len(data.label_names or []) or None))
@@ -295,7 +296,7 @@ def fit(recipe, output_dir: Optional[Path] = None, resume: Optional[str] = None,
     log.announce(delta, data.stats, total_steps, resume_from, precision.line(mixed_precision, precision_why))
     hooks = hooks or (_installed_hooks[-1] if _installed_hooks else TrainHooks())
     run = Run(recipe, accelerator, model, delta, optimizer, scheduler, data.train, collate, eval_loader, progress,
-              total_steps, log, output_dir, data.label_names, hooks, selection, data.train_digest())
+              total_steps, log, output_dir, data.label_names, hooks, selection, train_digest)
     undo_casts = _cache_frozen_casts(model, mixed_precision, t, sharded=own_fsdp or _sharded(accelerator))
     # 5. The loop, then the final delta-only checkpoint (written once, by the main process) before
     # the final evaluation: whatever that evaluation meets (an unwritable cache...), the delta is saved.

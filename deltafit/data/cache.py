@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from deltafit.data.mixture import is_mixture, source_specs
-from deltafit.data.sources import BUILTIN_PREFIX, _looks_local, load_rows
+from deltafit.data.sources import BUILTIN_PREFIX, _looks_local, hidden_in, load_rows
 from deltafit.fsutil import atomic_dir, sha256_file
 from deltafit.tasks import load_builtin
 
@@ -91,7 +91,7 @@ def _source_fingerprint(source: str, config: Optional[str], split: str, key: str
         return sha256_file(path)
     if path.is_dir():
         digest = hashlib.sha256()
-        for file in sorted(f for f in path.rglob("*") if f.is_file() and not _hidden(f, path)):
+        for file in sorted(f for f in path.rglob("*") if f.is_file() and not hidden_in(f, path)):
             digest.update(str(file.relative_to(path)).encode() + b"\0")
             sha256_file(file, digest)
         return digest.hexdigest()
@@ -99,10 +99,6 @@ def _source_fingerprint(source: str, config: Optional[str], split: str, key: str
         return None
     # Hub datasets: the datasets library fingerprints the prepared files of the revision it loaded.
     return f"hub:{source}:{load_rows(source, config, split, key)._fingerprint}"
-
-
-def _hidden(file: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in file.relative_to(root).parts)  # .git, .cache, ...
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:

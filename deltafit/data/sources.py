@@ -116,7 +116,7 @@ def _load_folder(path: Path, split: str, key: str):
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         return _read_folder(lambda: _saved_split(datasets.load_from_disk(str(path)), split), path, split, key)
     kinds = sorted({_data_suffix(f) for f in path.rglob("*")
-                    if f.is_file() and not _hidden_in(f, path) and f.name not in DATASET_METADATA} - {None})
+                    if f.is_file() and not hidden_in(f, path) and f.name not in DATASET_METADATA} - {None})
     if len(kinds) > 1:
         raise UserError(f"recipe key '{key}': folder '{path}' mixes {' and '.join(kinds)} files; only one format "
                         f"per folder is read (the others would be skipped): keep one, or list the files as a "
@@ -167,8 +167,10 @@ def _data_suffix(file: Path) -> Optional[str]:
     return suffixes[-1] if suffixes and suffixes[-1] in DATA_SUFFIXES else None
 
 
-def _hidden_in(file: Path, root: Path) -> bool:
-    return any(part.startswith((".", "__")) for part in file.relative_to(root).parts)  # .git, __pycache__
+def hidden_in(file: Path, root: Path) -> bool:
+    """A file of a data folder that is no part of the data (.git, .cache, ...); the cache's fingerprint
+    of a folder skips the same ones."""
+    return any(part.startswith(".") for part in file.relative_to(root).parts)
 
 
 def _load_hub(source: str, config: Optional[str], split: str, key: str):
